@@ -1,0 +1,154 @@
+"""checksum and verify: per-tensor xxh3-128 and per-file sha256 of a checkpoint.
+
+Each weight file is read once: its bytes feed the file's sha256 and, tensor
+by tensor, the tensors' xxh3-128. Expected values come from a checksum
+manifest or from either side of a delta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import write_atomic
+from .checkpoint import Checkpoint
+from .errors import UsageError
+from .kernel import DEFAULT_FRAME_BYTES, new_tensor_hash, sha256_file
+from .manifest import Checksums, FileSum, TensorSum, load_checksums, load_manifest
+from .progress import byte_bar
+
+
+def scan(path: Path, progress: bool = False) -> Checksums:
+    """Checksums of every tensor and every file of the checkpoint at ``path``."""
+    sums = Checksums()
+    with Checkpoint(Path(path)) as ckpt:
+        bar = byte_bar(sum(f.size for f in ckpt.files), "checksum", progress)
+        for f in ckpt.files:
+            file_hash = hashlib.sha256()
+            with f.path.open("rb") as fh:
+                file_hash.update(fh.read(f.data_start))
+            for info in f.tensors:
+                h = new_tensor_hash()
+                for lo in range(0, info.nbytes, DEFAULT_FRAME_BYTES):
+                    hi = min(lo + DEFAULT_FRAME_BYTES, info.nbytes)
+                    chunk = f.read(info, lo, hi)
+                    h.update(chunk)
+                    file_hash.update(chunk)
+                    f.release(info, lo, hi)
+                    bar.update(hi - lo)
+                sums.tensors[info.name] = TensorSum(info.dtype, info.shape, h.hexdigest())
+            name = f.path.relative_to(ckpt.root).as_posix()
+            sums.files[name] = FileSum(f.size, file_hash.hexdigest())
+        bar.close()
+        for rel in ckpt.other_files():
+            p = ckpt.root / rel
+            sums.files[rel] = FileSum(p.stat().st_size, sha256_file(p))
+    return sums
+
+
+def checksum(path: str | Path, out: str | Path | None = None, progress: bool = False) -> Checksums:
+    """Compute a checksum manifest of ``path``; write it to ``out`` when given."""
+    sums = scan(Path(path), progress)
+    if out is not None:
+        write_atomic(Path(out), sums.to_json().encode())
+    return sums
+
+
+@dataclass
+class VerifyReport:
+    checked_tensors: int = 0
+    checked_files: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "checked_tensors": self.checked_tensors,
+            "checked_files": self.checked_files,
+            "problems": self.problems,
+        }
+
+
+def expected_from_delta(delta: Path, side: str) -> tuple[Checksums, bool]:
+    """What a checkpoint must hold to be the delta's target or its base.
+
+    Returns the checksums and whether tensors the delta does not name are
+    allowed (a base may hold tensors the fine-tune dropped).
+    """
+    manifest = load_manifest(delta)
+    want = Checksums()
+    if side == "target":
+        for wf in manifest.weight_files:
+            want.files[wf.name] = FileSum(wf.size, wf.sha256)
+            for t in wf.tensors:
+                want.tensors[t.name] = TensorSum(t.dtype, t.shape, t.xxh3)
+        for of in manifest.other_files:
+            want.files[of.name] = FileSum(of.size, of.sha256)
+        return want, False
+    if side == "base":
+        for t in manifest.tensors():
+            if t.base is not None:
+                want.tensors[t.base.name] = TensorSum(t.base.dtype, t.base.shape, t.base.xxh3)
+        for of in manifest.other_files:
+            if of.mode == "reference":
+                want.files[of.name] = FileSum(of.size, of.sha256)
+        return want, True
+    raise UsageError(f"unknown side {side!r}", "use --side target or --side base")
+
+
+def compare(found: Checksums, want: Checksums, allow_extra_tensors: bool) -> VerifyReport:
+    report = VerifyReport()
+    for name, w in sorted(want.tensors.items()):
+        f = found.tensors.get(name)
+        report.checked_tensors += 1
+        if f is None:
+            report.problems.append(f"tensor {name}: missing")
+        elif (f.dtype, tuple(f.shape)) != (w.dtype, tuple(w.shape)):
+            report.problems.append(f"tensor {name}: expected {w.dtype}{list(w.shape)}, found {f.dtype}{list(f.shape)}")
+        elif f.xxh3 != w.xxh3:
+            report.problems.append(f"tensor {name}: expected xxh3-128 {w.xxh3}, found {f.xxh3}")
+    if not allow_extra_tensors:
+        for name in sorted(set(found.tensors) - set(want.tensors)):
+            report.problems.append(f"tensor {name}: not expected")
+    for name, w in sorted(want.files.items()):
+        report.checked_files += 1
+        ff = found.files.get(name)
+        if ff is None:
+            report.problems.append(f"file {name}: missing")
+        elif ff.sha256 != w.sha256:
+            report.problems.append(f"file {name}: expected sha256 {w.sha256}, found {ff.sha256}")
+    return report
+
+
+def verify(
+    path: str | Path,
+    manifest: str | Path | None = None,
+    delta: str | Path | None = None,
+    side: str = "target",
+    progress: bool = False,
+) -> VerifyReport:
+    """Check a checkpoint against a checksum manifest or a delta's target or base side.
+
+    With neither, the folder's own ``xorweights-checksums.json`` (written by
+    ``decode --dtype``) is used.
+    """
+    if manifest is not None and delta is not None:
+        raise UsageError("pass either --manifest or --delta, not both")
+    if delta is not None:
+        want, allow_extra = expected_from_delta(Path(delta), side)
+    else:
+        if manifest is None:
+            manifest = Path(path) / "xorweights-checksums.json"
+            if not Path(manifest).is_file():
+                raise UsageError(
+                    f"{path}: no xorweights-checksums.json to verify against",
+                    "pass --manifest FILE or --delta DELTA",
+                )
+        want, allow_extra = load_checksums(Path(manifest)), False
+        want.files.pop("xorweights-checksums.json", None)
+    return compare(scan(Path(path), progress), want, allow_extra)

@@ -1,0 +1,244 @@
+"""The ``xorweights`` command line: parse, call the library, print, map errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .checksums import checksum as checksum_api
+from .checksums import verify as verify_api
+from .decode import check_base as check_base_api
+from .decode import decode as decode_api
+from .dtypes import NAMED
+from .encode import encode as encode_api
+from .errors import XorWeightsError
+from .kernel import DEFAULT_FRAME_BYTES
+from .report import DeltaSummary, summarize
+from .report import inspect as inspect_api
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"xorweights: error: {message}", err=True)
+    sys.exit(code)
+
+
+def translate_errors(fn: F) -> F:
+    """Turn every error into one line on stderr; tracebacks only with XORWEIGHTS_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = os.environ.get("XORWEIGHTS_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except XorWeightsError as exc:
+            if debug:
+                traceback.print_exc()
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail(
+                "interrupted; nothing half-written was left under a final name (hint: run the same command again to resume)",
+                130,
+            )
+        except OSError as exc:
+            if debug:
+                traceback.print_exc()
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc} (hint: check the path and its permissions)", 1)
+        except Exception as exc:  # a bug: still one line unless debugging
+            if debug:
+                raise
+            _fail(
+                f"internal error: {type(exc).__name__}: {exc} (hint: set XORWEIGHTS_DEBUG=1 for the full traceback and report it)",
+                1,
+            )
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet
+
+
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries.")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="xorweights")
+def main() -> None:
+    """Publish and rebuild fine-tunes as per-tensor XOR deltas."""
+
+
+@main.command()
+@click.argument("finetuned", type=click.Path(path_type=Path))
+@click.option("--base", "base", required=True, type=click.Path(path_type=Path), help="The base checkpoint folder.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="The delta folder to write.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave matching non-tensor files out (repeatable).")
+@click.option("--no-compress", is_flag=True, help="Store plain XOR bytes instead of zstd frames.")
+@click.option(
+    "--frame-mib", type=click.IntRange(1, 64), default=DEFAULT_FRAME_BYTES >> 20, show_default=True, help="Frame size."
+)
+@click.option("--base-description", default="", help="How downloaders get the base, in words.")
+@click.option("--base-repo", default=None, help="Hub repo id of the base, recorded in the manifest.")
+@click.option("--base-revision", default=None, help="Hub revision of the base, recorded in the manifest.")
+@quiet_option
+@translate_errors
+def encode(
+    finetuned: Path,
+    base: Path,
+    out: Path,
+    exclude: tuple[str, ...],
+    no_compress: bool,
+    frame_mib: int,
+    base_description: str,
+    base_repo: str | None,
+    base_revision: str | None,
+    quiet: bool,
+) -> None:
+    """Write the XOR delta of FINETUNED against --base into --out (for releasers)."""
+    result = encode_api(
+        finetuned,
+        base,
+        out,
+        exclude=list(exclude),
+        compress=not no_compress,
+        frame_bytes=frame_mib << 20,
+        base_description=base_description,
+        base_repo_id=base_repo,
+        base_revision=base_revision,
+        progress=_progress(quiet),
+    )
+    if quiet:
+        return
+    s = summarize(result.manifest, result.delta_bytes)
+    click.echo(f"wrote {out}: {s.tensors_xored} of {s.tensors} tensors XORed against the base")
+    _echo_summary(s)
+    for line in result.plan.not_shipped:
+        click.echo(f"  not shipped: {line}")
+
+
+@main.command()
+@click.argument("delta", type=click.Path(path_type=Path))
+@click.option("--base", "base", required=True, type=click.Path(path_type=Path), help="Your copy of the base.")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), help="The folder to rebuild the fine-tune in.")
+@click.option("--dtype", type=click.Choice(sorted(NAMED)), default=None, help="Convert float tensors after verifying.")
+@click.option("--check-base", is_flag=True, help="Only check the whole base against the delta; write nothing.")
+@quiet_option
+@translate_errors
+def decode(delta: Path, base: Path, out: Path | None, dtype: str | None, check_base: bool, quiet: bool) -> None:
+    """Rebuild the fine-tune from DELTA and --base into --out (for downloaders)."""
+    if check_base:
+        problems = check_base_api(delta, base, progress=_progress(quiet))
+        for p in problems:
+            click.echo(p)
+        if problems:
+            _fail(f"{len(problems)} differences between {base} and the base this delta needs", 1)
+        click.echo(f"{base} is the base this delta needs: every tensor and referenced file matches")
+        return
+    if out is None:
+        raise click.UsageError("missing option '-o' / '--out' (or pass --check-base)")
+    result = decode_api(delta, base, out, dtype=dtype, progress=_progress(quiet))
+    if not quiet:
+        how = f"converted to {dtype}" if dtype else "byte-identical to the release"
+        click.echo(
+            f"rebuilt {out}: {len(result.written)} files written, {len(result.skipped)} already done; every tensor verified, {how}"
+        )
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Where to write the JSON.")
+@quiet_option
+@translate_errors
+def checksum(path: Path, out: Path, quiet: bool) -> None:
+    """Write per-tensor xxh3-128 and per-file sha256 of the checkpoint at PATH."""
+    sums = checksum_api(path, out, progress=_progress(quiet))
+    if not quiet:
+        click.echo(f"wrote {out}: {len(sums.tensors)} tensors, {len(sums.files)} files")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--manifest", type=click.Path(path_type=Path), help="A checksum manifest from `xorweights checksum`.")
+@click.option("--delta", type=click.Path(path_type=Path), help="A delta whose target or base side to check against.")
+@click.option("--side", type=click.Choice(["target", "base"]), default="target", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@quiet_option
+@translate_errors
+def verify(path: Path, manifest: Path | None, delta: Path | None, side: str, as_json: bool, quiet: bool) -> None:
+    """Check the checkpoint at PATH; exit 0 when it matches, 1 when not."""
+    report = verify_api(path, manifest=manifest, delta=delta, side=side, progress=_progress(quiet) and not as_json)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        for p in report.problems:
+            click.echo(p)
+        if report.ok and not quiet:
+            click.echo(f"{path}: OK, {report.checked_tensors} tensors and {report.checked_files} files match")
+    if not report.ok:
+        if not as_json:
+            _fail(f"{path}: {len(report.problems)} mismatches (hint: re-run decode into a fresh folder)", 1)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("delta", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@translate_errors
+def inspect(delta: Path, as_json: bool) -> None:
+    """Show which base DELTA needs, its sizes, unprotected bytes and format version."""
+    s = inspect_api(delta)
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=1))
+        return
+    click.echo(f"delta format {s.format_version}, made by xorweights {s.tool_version}, compression {s.compression}")
+    click.echo(f"base: {s.base.description}")
+    if s.base.repo_id:
+        click.echo(f"  repo {s.base.repo_id} at revision {s.base.revision or '(unpinned)'}")
+    click.echo(f"tensors: {s.tensors}, XORed against the base: {s.tensors_xored}")
+    _echo_summary(s)
+    click.echo(f"  files rebuilt: {', '.join(s.files_rebuilt)}")
+
+
+def _echo_summary(s: DeltaSummary) -> None:
+    click.echo(f"  delta {_size(s.delta_bytes)} for {_size(s.tensor_bytes)} of tensors ({s.ratio}x smaller)")
+    click.echo(f"  {_size(s.unprotected_bytes)} of tensor bytes stored unprotected by the base")
+    for line in s.unprotected:
+        click.echo(f"    {line}")
+    click.echo(f"  files taken from the base: {', '.join(s.files_referenced) or 'none'}")
+    click.echo(f"  files shipped in the delta: {', '.join(s.files_shipped) or 'none'}")
+
+
+@main.command()
+@click.option("--keep", type=click.Path(path_type=Path), default=None, help="Build in this folder and keep it.")
+@translate_errors
+def demo(keep: Path | None) -> None:
+    """Build a tiny LLaMA-shaped base and fine-tune, then encode, decode and verify them."""
+    from .demo import run_demo
+
+    run_demo(keep, click.echo)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+if __name__ == "__main__":
+    main()

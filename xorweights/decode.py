@@ -1,0 +1,398 @@
+"""decode: check the base against the manifest, rebuild every file, verify, then rename.
+
+Plan: every base tensor's presence, dtype and shape is checked before any
+work starts. Execute: each output file is rebuilt frame by frame into a
+partial file while the base and target hashes are computed on the way; the
+file gets its final name only when every hash of every tensor in it matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from .atomic import AtomicWriter, refuse_overlap, write_atomic
+from .base_stream import BaseStream
+from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
+from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
+from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
+from .kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash, sha256_file
+from .manifest import (
+    MANIFEST_NAME,
+    SHIPPED_DIR,
+    Checksums,
+    FileSum,
+    Manifest,
+    OtherFile,
+    TensorEntry,
+    TensorSum,
+    WeightFile,
+    load_manifest,
+)
+from .progress import byte_bar
+from .safetensors_io import build_header, parse_header
+
+STATE_DIR = ".xorweights"
+STATE_NAME = "decode-state.json"
+CHECKSUMS_NAME = "xorweights-checksums.json"
+
+LOSSY_BF16_HINT = (
+    "your base was saved as bf16, which loses precision against the fp16 weights this delta was made from; "
+    "use Meta's original files or an fp16 conversion"
+)
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    entry: TensorEntry
+    base: TensorRef | None
+
+
+@dataclass(frozen=True)
+class FileJob:
+    file: WeightFile
+    data_path: Path
+    tensors: tuple[TensorJob, ...]
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    out: Path
+    written: list[str]
+    skipped: list[str]
+    dtype: str | None
+
+
+# ---------------------------------------------------------------- plan
+
+
+def _check_layout(wf: WeightFile, where: str) -> None:
+    """The verbatim header must describe exactly the tensors the manifest lists."""
+    header = wf.header_bytes
+    data_size = wf.size - 8 - len(header)
+    if data_size < 0:
+        raise ManifestError(f"{where}: {wf.name} is {wf.size} bytes, smaller than its header")
+    infos, _ = parse_header(header, data_size, f"{where} header of {wf.name}")
+    listed = [(t.name, t.dtype, t.shape) for t in wf.tensors]
+    if [(i.name, i.dtype, i.shape) for i in infos] != listed:
+        raise ManifestError(f"{where}: the header of {wf.name} does not match its tensor list")
+    for t in wf.tensors:
+        width = ITEMSIZE[t.dtype]
+        if any(raw % width or raw > MAX_FRAME_BYTES or (raw == 0) for _, raw in t.frames):
+            raise ManifestError(
+                f"{where}: tensor {t.name} has frames that are not whole elements up to {MAX_FRAME_BYTES} bytes"
+            )
+
+
+def _match_base(entry: TensorEntry, base: Checkpoint) -> TensorRef | None:
+    """The base tensor for ``entry``, after checking its name, dtype and shape."""
+    want = entry.base
+    if want is None:
+        return None
+    ref = base.tensors.get(want.name)
+    if ref is None:
+        raise BaseMismatchError(
+            f"base tensor {want.name}: expected {want.dtype}{list(want.shape)}, found no such tensor in {base.root}",
+        )
+    if ref.dtype != want.dtype:
+        hint = LOSSY_BF16_HINT if (want.dtype, ref.dtype) == ("F16", "BF16") else None
+        raise BaseMismatchError(
+            f"base tensor {want.name}: expected dtype {want.dtype}, found {ref.dtype} in {ref.where}", hint
+        )
+    if ref.shape != want.shape:
+        raise BaseMismatchError(
+            f"base tensor {want.name}: expected shape {list(want.shape)}, found {list(ref.shape)} in {ref.where}"
+        )
+    return ref
+
+
+def plan_decode(manifest: Manifest, delta: Path, base: Checkpoint) -> list[FileJob]:
+    """Check everything that can be checked without reading tensor data."""
+    where = str(delta / MANIFEST_NAME)
+    jobs = []
+    for wf in manifest.weight_files:
+        _check_layout(wf, where)
+        data_path = delta / wf.data_file
+        stored = sum(s for t in wf.tensors for s, _ in t.frames)
+        if not data_path.is_file():
+            raise DeltaCorruptError(f"{data_path}: missing; the delta is incomplete", "download the whole delta folder")
+        if data_path.stat().st_size != stored:
+            raise DeltaCorruptError(
+                f"{data_path}: expected {stored} bytes, found {data_path.stat().st_size}",
+                "the delta is truncated or damaged; re-download it",
+            )
+        jobs.append(FileJob(wf, data_path, tuple(TensorJob(t, _match_base(t, base)) for t in wf.tensors)))
+    base_files = set(base.other_files())
+    for of in manifest.other_files:
+        if of.mode == "reference" and of.name not in base_files:
+            raise BaseMismatchError(
+                f"{base.root}: missing {of.name}, which this delta takes from the base",
+                f"copy {of.name} from the base model's original release into {base.root}",
+            )
+        if of.mode == "ship" and not (delta / SHIPPED_DIR / of.name).is_file():
+            raise DeltaCorruptError(f"{delta / SHIPPED_DIR / of.name}: missing; the delta is incomplete")
+    return jobs
+
+
+# ---------------------------------------------------------------- execute
+
+
+class _Rebuilder:
+    """Rebuilds files frame by frame, reusing one buffer for every frame."""
+
+    def __init__(self, codec: FrameCodec, jobs: list[FileJob], dtype: str | None, progress: bool) -> None:
+        self.codec = codec
+        largest = max((raw for j in jobs for t in j.file.tensors for _, raw in t.frames), default=0)
+        self.buffer = np.empty(largest, dtype=np.uint8)
+        self.dtype = dtype
+        self.bar = byte_bar(sum(t.entry.nbytes for j in jobs for t in j.tensors), "decode", progress)
+
+    def out_dtype(self, dtype: str) -> str:
+        return self.dtype if self.dtype and dtype in FLOAT_CASTABLE else dtype
+
+    def rebuild(self, job: FileJob, final: Path) -> tuple[FileSum, dict[str, TensorSum]]:
+        """Write ``final`` and return its checksum and those of its tensors as written."""
+        wf = job.file
+        if self.dtype is None:
+            prefix = len(wf.header_bytes).to_bytes(8, "little") + wf.header_bytes
+        else:
+            infos, metadata = parse_header(wf.header_bytes, wf.size - 8 - len(wf.header_bytes), wf.name)
+            metadata = {**metadata, "format": "pt"}
+            prefix, _ = build_header([(i.name, self.out_dtype(i.dtype), i.shape) for i in infos], metadata)
+        file_hash = hashlib.sha256(prefix)
+        sums: dict[str, TensorSum] = {}
+        writer = AtomicWriter(final)
+        with writer as out, job.data_path.open("rb") as data:
+            out.write(prefix)
+            for tj in job.tensors:
+                sums[tj.entry.name] = self._tensor(tj, data, out, file_hash, str(job.data_path))
+            if self.dtype is None and file_hash.hexdigest() != wf.sha256:
+                raise DeltaCorruptError(f"{final.name}: rebuilt file's sha256 differs from the manifest's")
+            writer.commit()
+        return FileSum(final.stat().st_size, file_hash.hexdigest()), sums
+
+    def _tensor(self, tj: TensorJob, data: BinaryIO, out: BinaryIO, file_hash: hashlib._Hash, where: str) -> TensorSum:
+        entry = tj.entry
+        width = ITEMSIZE[entry.dtype]
+        new_dtype = self.out_dtype(entry.dtype)
+        base = BaseStream(tj.base, entry.dtype, entry.xor_bytes) if tj.base is not None else None
+        target_hash = new_tensor_hash()
+        written_hash = new_tensor_hash() if new_dtype != entry.dtype else target_hash
+        lo = 0
+        for i, (stored, raw) in enumerate(entry.frames):
+            hi = lo + raw
+            frame = data.read(stored)
+            chunk = self.buffer[:raw]
+            self.codec.decode(frame, width, chunk, f"{where}: tensor {entry.name} frame {i}")
+            if base is not None:
+                other = base.chunk(lo, hi)
+                np.bitwise_xor(chunk[: len(other)], other, out=chunk[: len(other)])
+                base.done_with(lo, hi)
+            target_hash.update(chunk)
+            written = cast_bytes(chunk, entry.dtype, new_dtype)
+            if written_hash is not target_hash:
+                written_hash.update(written)
+            file_hash.update(written)
+            out.write(written)
+            self.bar.update(raw)
+            lo = hi
+        if base is not None and entry.base is not None:
+            found = base.finish()
+            if found != entry.base.xxh3:
+                raise BaseMismatchError(
+                    f"base tensor {entry.base.name}: expected xxh3-128 {entry.base.xxh3}, found {found}; "
+                    "your base differs from the one this delta was made from",
+                    "get the exact base named by `xorweights inspect DELTA`, "
+                    "or run `xorweights decode --check-base` to list every differing tensor",
+                )
+        if target_hash.hexdigest() != entry.xxh3:
+            raise DeltaCorruptError(
+                f"tensor {entry.name}: rebuilt xxh3-128 {target_hash.hexdigest()} differs from the manifest's {entry.xxh3}, "
+                "although its base matched",
+            )
+        return TensorSum(new_dtype, entry.shape, written_hash.hexdigest())
+
+
+def _copy_checked(src: Path, dst: Path, of: OtherFile, *, from_base: bool) -> None:
+    writer = AtomicWriter(dst)
+    with writer as out, src.open("rb") as f:
+        h = hashlib.sha256()
+        while block := f.read(1 << 20):
+            h.update(block)
+            out.write(block)
+        if h.hexdigest() != of.sha256:
+            if from_base:
+                raise BaseMismatchError(
+                    f"{src}: sha256 {h.hexdigest()} differs from the {of.sha256} of the base this delta was made from",
+                    f"restore {of.name} from the base model's original release",
+                )
+            raise DeltaCorruptError(f"{src}: sha256 differs from the manifest's")
+        writer.commit()
+
+
+class _State:
+    """What earlier runs finished in OUT, so a re-run resumes instead of redoing."""
+
+    def __init__(self, out: Path, delta_id: str, dtype: str | None) -> None:
+        self.path = out / STATE_DIR / STATE_NAME
+        self.record: dict = {"delta": delta_id, "dtype": dtype, "files": {}}
+        if self.path.is_file():
+            try:
+                old = json.loads(self.path.read_text())
+            except ValueError:
+                old = None
+            if isinstance(old, dict) and (old.get("delta"), old.get("dtype")) == (delta_id, dtype):
+                self.record = old
+            elif isinstance(old, dict) and old.get("files"):
+                raise OutputError(
+                    f"{out}: holds files decoded from another delta or with another --dtype",
+                    "decode into a new, empty folder",
+                )
+
+    def finished(self, final: Path) -> dict | None:
+        entry = self.record["files"].get(final.name)
+        if entry and final.is_file():
+            st = final.stat()
+            if [st.st_size, st.st_mtime_ns] == entry["stat"]:
+                return entry
+        return None
+
+    def add(self, final: Path, file_sum: FileSum, tensors: dict[str, TensorSum]) -> dict:
+        st = final.stat()
+        entry = {
+            "stat": [st.st_size, st.st_mtime_ns],
+            "sha256": file_sum.sha256,
+            "tensors": {k: [v.dtype, list(v.shape), v.xxh3] for k, v in tensors.items()},
+        }
+        self.record["files"][final.name] = entry
+        write_atomic(self.path, json.dumps(self.record).encode())
+        return entry
+
+
+def _prepare_out(out: Path, delta: Path, base: Path) -> None:
+    refuse_overlap(out, {"delta": delta, "base": base})
+    try:
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"{out}: cannot create the output folder ({exc.strerror})", "choose a writable location"
+        ) from None
+    if not os.access(out, os.W_OK):
+        raise OutputError(f"{out}: the output folder is not writable", "choose a writable location")
+
+
+def decode(
+    delta: str | Path,
+    base: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    progress: bool = False,
+) -> DecodeResult:
+    """Rebuild the fine-tune from ``delta`` and ``base`` into ``out``.
+
+    Without ``dtype`` the files are byte-identical to the releaser's. With
+    ``dtype`` ("float16", "bfloat16" or "float32") float tensors are converted
+    after verification, an index is written and the new checksums are recorded
+    in ``out/xorweights-checksums.json`` for `verify`.
+    """
+    delta, out = Path(delta), Path(out)
+    target_dtype = None
+    if dtype is not None:
+        if dtype not in NAMED:
+            raise UsageError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
+        target_dtype = NAMED[dtype]
+    manifest = load_manifest(delta)
+    with Checkpoint(Path(base)) as bs:
+        jobs = plan_decode(manifest, delta, bs)
+        _prepare_out(out, delta, Path(base))
+        delta_id = hashlib.sha256((delta / MANIFEST_NAME).read_bytes()).hexdigest()
+        state = _State(out, delta_id, target_dtype)
+        rebuilder = _Rebuilder(FrameCodec(manifest.compression), jobs, target_dtype, progress)
+        written, skipped = [], []
+        checksums = Checksums()
+        for job in jobs:
+            final = out / job.file.name
+            entry = state.finished(final)
+            if entry is None and final.exists():
+                entry = _adopt_existing(final, job.file, state, target_dtype)
+            if entry is None:
+                file_sum, sums = rebuilder.rebuild(job, final)
+                entry = state.add(final, file_sum, sums)
+                written.append(final.name)
+            else:
+                rebuilder.bar.update(sum(t.nbytes for t in job.file.tensors))
+                skipped.append(final.name)
+            checksums.files[final.name] = FileSum(entry["stat"][0], entry["sha256"])
+            for name, (dt, shape, xxh3) in entry["tensors"].items():
+                checksums.tensors[name] = TensorSum(dt, tuple(shape), xxh3)
+        rebuilder.bar.close()
+        for of in manifest.other_files:
+            if target_dtype is not None and of.name == SAFETENSORS_INDEX:
+                continue  # replaced by the index of the converted shards below
+            final = out / of.name
+            if final.is_file() and final.stat().st_size == of.size and sha256_file(final) == of.sha256:
+                skipped.append(of.name)
+            else:
+                src = bs.root / of.name if of.mode == "reference" else delta / SHIPPED_DIR / of.name
+                _copy_checked(src, final, of, from_base=of.mode == "reference")
+                written.append(of.name)
+            checksums.files[of.name] = FileSum(of.size, of.sha256)
+    if target_dtype is not None:
+        _write_converted_index(out, jobs, checksums)
+        write_atomic(out / CHECKSUMS_NAME, checksums.to_json().encode())
+    return DecodeResult(out, written, skipped, target_dtype)
+
+
+def _adopt_existing(final: Path, wf: WeightFile, state: _State, dtype: str | None) -> dict | None:
+    """Accept a file already in OUT only if it is exactly the one we would write."""
+    if dtype is None and final.stat().st_size == wf.size and sha256_file(final) == wf.sha256:
+        sums = {t.name: TensorSum(t.dtype, t.shape, t.xxh3) for t in wf.tensors}
+        return state.add(final, FileSum(wf.size, wf.sha256), sums)
+    raise OutputError(
+        f"{final}: already exists and is not the file this delta rebuilds",
+        "decode into a new, empty folder, or remove that file",
+    )
+
+
+def _write_converted_index(out: Path, jobs: list[FileJob], checksums: Checksums) -> None:
+    weight_map = {t.entry.name: job.file.name for job in jobs for t in job.tensors}
+    total = sum(
+        ITEMSIZE[checksums.tensors[name].dtype] * int(np.prod(checksums.tensors[name].shape, dtype=np.int64))
+        for name in weight_map
+    )
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    data = (json.dumps(index, indent=2) + "\n").encode()
+    write_atomic(out / SAFETENSORS_INDEX, data)
+    checksums.files[SAFETENSORS_INDEX] = FileSum(len(data), hashlib.sha256(data).hexdigest())
+
+
+def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> list[str]:
+    """Hash every base tensor and referenced file the delta needs; write nothing.
+
+    Returns one line per difference; an empty list means the base is the right one.
+    """
+    delta = Path(delta)
+    manifest = load_manifest(delta)
+    problems = []
+    with Checkpoint(Path(base)) as bs:
+        jobs = plan_decode(manifest, delta, bs)
+        needed = {t.entry.base.name: (t.entry.base, t.base) for j in jobs for t in j.tensors if t.base and t.entry.base}
+        bar = byte_bar(sum(ref.nbytes for _, ref in needed.values() if ref), "check base", progress)
+        for name, (want, ref) in needed.items():
+            assert ref is not None
+            found = BaseStream(ref, ref.dtype, 0).finish()
+            bar.update(ref.nbytes)
+            if found != want.xxh3:
+                problems.append(f"base tensor {name}: expected xxh3-128 {want.xxh3}, found {found}")
+        bar.close()
+        for of in manifest.other_files:
+            if of.mode == "reference" and sha256_file(bs.root / of.name) != of.sha256:
+                problems.append(f"base file {of.name}: sha256 differs from the base this delta was made from")
+    return problems

@@ -1,0 +1,83 @@
+"""Safetensors dtypes and the deterministic casts between float formats.
+
+Everything here works on raw little-endian bytes held in numpy ``uint8``
+arrays, so bf16 never needs numpy (or torch) to understand it. The casts are
+the ones torch performs, so a base cast here and a tensor cast with
+``tensor.to(dtype)`` give the same bits:
+
+* widening (F16 -> F32, BF16 -> F32) is exact;
+* F32 -> F16 rounds to nearest, ties to even (IEEE 754, numpy's ``astype``);
+* F32 -> BF16 rounds to nearest, ties to even, and every NaN becomes 0x7FC0;
+* F16 <-> BF16 goes through F32, which is exact on the way in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Byte width of every safetensors dtype we accept.
+ITEMSIZE: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+FLOAT_CASTABLE = frozenset({"F16", "BF16", "F32"})
+
+# CLI / API spellings of the dtypes decode can convert to.
+NAMED: dict[str, str] = {
+    "float16": "F16",
+    "fp16": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float32": "F32",
+    "fp32": "F32",
+}
+
+
+def can_cast(src: str, dst: str) -> bool:
+    """True when base bytes of dtype ``src`` can stand in for ``dst``."""
+    return src == dst or (src in FLOAT_CASTABLE and dst in FLOAT_CASTABLE)
+
+
+def _to_f32(raw: np.ndarray, src: str) -> np.ndarray:
+    if src == "F32":
+        return raw.view("<f4")
+    if src == "F16":
+        return raw.view("<f2").astype("<f4")
+    # BF16 is the top half of an F32.
+    return (raw.view("<u2").astype("<u4") << 16).view("<f4")
+
+
+def _from_f32(values: np.ndarray, dst: str) -> np.ndarray:
+    if dst == "F32":
+        return values.view(np.uint8)
+    if dst == "F16":
+        with np.errstate(over="ignore"):
+            return values.astype("<f2").view(np.uint8)
+    bits = values.view("<u4")
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    out = rounded.astype("<u2")
+    out[np.isnan(values)] = 0x7FC0
+    return out.view(np.uint8)
+
+
+def cast_bytes(raw: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Cast a flat ``uint8`` array of ``src`` elements to ``dst`` elements."""
+    if src == dst:
+        return raw
+    if not (src in FLOAT_CASTABLE and dst in FLOAT_CASTABLE):
+        raise ValueError(f"no cast from {src} to {dst}")
+    return _from_f32(_to_f32(raw, src), dst)

@@ -1,0 +1,74 @@
+"""One exception hierarchy for the whole library.
+
+Every error carries a ``hint`` that tells the user how to fix it. The CLI
+prints ``message`` and ``hint`` on one line; the library never prints.
+"""
+
+from __future__ import annotations
+
+
+class XorWeightsError(Exception):
+    """Base class. ``exit_code`` is what the CLI returns for this error."""
+
+    exit_code = 1
+    default_hint = "set XORWEIGHTS_DEBUG=1 for the full traceback"
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint or self.default_hint
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})"
+
+
+class UsageError(XorWeightsError):
+    """The command line or API call itself is wrong (exit code 2)."""
+
+    exit_code = 2
+    default_hint = "see `xorweights --help`"
+
+
+class InputFileError(XorWeightsError):
+    """A file we read is missing, unreadable or malformed."""
+
+    default_hint = "re-download or re-create the file"
+
+
+class CheckpointError(InputFileError):
+    """A folder does not hold a checkpoint we can read."""
+
+    default_hint = "point at a folder holding model.safetensors or model-*.safetensors shards"
+
+
+class ManifestError(InputFileError):
+    """A delta or checksum manifest is malformed or unsupported."""
+
+    default_hint = "re-download the delta; it must be a folder made by `xorweights encode`"
+
+
+class BaseMismatchError(XorWeightsError):
+    """The base the user holds is not the one the delta was made from."""
+
+    default_hint = (
+        "your base differs from the one this delta was made from; "
+        "run `xorweights inspect DELTA` to see which base it needs"
+    )
+
+
+class DeltaCorruptError(XorWeightsError):
+    """The delta's data does not decode to what its manifest promises."""
+
+    default_hint = "the delta is damaged; re-download it"
+
+
+class OutputError(XorWeightsError):
+    """The output location can't be used as asked."""
+
+    default_hint = "choose another output folder"
+
+
+class VerifyFailed(XorWeightsError):
+    """A checkpoint does not match the checksums it was verified against."""
+
+    default_hint = "re-run decode into a fresh folder, or re-download the files listed"

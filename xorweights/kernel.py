@@ -1,0 +1,113 @@
+"""The byte-level kernel: XOR, byte grouping, frames and tensor hashes.
+
+A *frame* is one chunk of a tensor's XOR stream (at most ``MAX_FRAME_BYTES``).
+Compressed frames are independent zstd frames with the content size and
+zstd's own checksum in their header, so each one decodes and checks alone.
+Before compression the bytes are grouped by their position in an element
+(all first bytes, then all second bytes, ...): in the XOR of a fine-tune and
+its base the sign and exponent bytes are mostly zero and compress well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import xxhash
+import zstandard
+
+from .errors import DeltaCorruptError
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+DEFAULT_FRAME_BYTES = 16 * 1024 * 1024
+ZSTD_LEVEL = 3
+
+
+def new_tensor_hash() -> xxhash.xxh3_128:
+    """The per-tensor checksum: xxh3-128 over the tensor's raw bytes."""
+    return xxhash.xxh3_128()
+
+
+def tensor_hash_hex(data: bytes | np.ndarray) -> str:
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def xor_into(target: np.ndarray, other: np.ndarray) -> None:
+    """``target ^= other`` for the first ``len(other)`` bytes of ``target``."""
+    n = len(other)
+    if n:
+        view = target[:n]
+        np.bitwise_xor(view, other, out=view)
+
+
+def group_bytes(data: np.ndarray, width: int) -> np.ndarray:
+    """Reorder ``data`` so byte k of every element comes together."""
+    if width == 1:
+        return data
+    return np.ascontiguousarray(data.reshape(-1, width).T).reshape(-1)
+
+
+def ungroup_bytes(grouped: np.ndarray, width: int, out: np.ndarray) -> None:
+    """Inverse of :func:`group_bytes`, written into ``out``."""
+    if width == 1:
+        out[:] = grouped
+    else:
+        out.reshape(-1, width)[:] = grouped.reshape(width, -1).T
+
+
+class FrameCodec:
+    """Turns XOR chunks into frames and back. ``compression`` is "zstd" or "none"."""
+
+    def __init__(self, compression: str, level: int = ZSTD_LEVEL) -> None:
+        if compression not in ("zstd", "none"):
+            raise ValueError(compression)
+        self.compression = compression
+        self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def encode(self, xor: np.ndarray, width: int) -> bytes:
+        if self.compression == "none":
+            return xor.tobytes()
+        return self._compressor.compress(group_bytes(xor, width))
+
+    def decode(self, frame: bytes, width: int, out: np.ndarray, where: str) -> None:
+        """Decode ``frame`` into ``out``, whose length is the frame's declared size.
+
+        The declared size is checked before anything is allocated, so a frame
+        that claims or expands to more than the manifest says is refused.
+        """
+        size = len(out)
+        if self.compression == "none":
+            if len(frame) != size:
+                raise DeltaCorruptError(f"{where}: frame holds {len(frame)} bytes, the manifest says {size}")
+            out[:] = np.frombuffer(frame, dtype=np.uint8)
+            return
+        try:
+            claimed = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as exc:
+            raise DeltaCorruptError(f"{where}: not a zstd frame ({exc})") from None
+        if claimed != size:
+            raise DeltaCorruptError(f"{where}: frame claims {claimed} bytes, the manifest says {size}")
+        try:
+            raw = self._decompressor.decompress(frame, max_output_size=size)
+        except zstandard.ZstdError as exc:
+            raise DeltaCorruptError(f"{where}: frame does not decompress ({exc})") from None
+        if len(raw) != size:
+            raise DeltaCorruptError(f"{where}: frame expands to {len(raw)} bytes, the manifest says {size}")
+        ungroup_bytes(np.frombuffer(raw, dtype=np.uint8), width, out)
+
+
+def frame_spans(nbytes: int, frame_bytes: int, width: int) -> list[tuple[int, int]]:
+    """Cut ``[0, nbytes)`` into frames of whole elements, at most ``frame_bytes`` each."""
+    step = max(width, frame_bytes - frame_bytes % width)
+    return [(lo, min(lo + step, nbytes)) for lo in range(0, nbytes, step)]
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a whole file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

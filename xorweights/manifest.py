@@ -1,0 +1,374 @@
+"""The delta manifest and the checksum manifest: dataclasses <-> JSON, validated.
+
+Both are plain JSON so a person can read them. Loading validates every field
+and every file name before anything else happens, because a delta is a file
+downloaded from a stranger. See docs/format.md for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import __version__
+from .dtypes import ITEMSIZE
+from .errors import ManifestError
+
+DELTA_FORMAT = "xorweights-delta"
+DELTA_VERSION = 1
+MANIFEST_NAME = "xorweights-delta.json"
+SHIPPED_DIR = "files"
+
+CHECKSUM_FORMAT = "xorweights-checksums"
+CHECKSUM_VERSION = 1
+
+METHODS = ("xor", "partial_xor", "raw")
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """How to get the base: free text, and a Hub repo and revision when known."""
+
+    description: str = ""
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    xxh3: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the fine-tune and how its bytes are stored.
+
+    ``xor_bytes`` leading bytes of the tensor are XORed with the base (cast to
+    ``dtype``); the rest are stored as they are, unprotected by the base.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    xxh3: str
+    method: str
+    base: BaseTensor | None
+    xor_bytes: int
+    frames: tuple[tuple[int, int], ...]  # (stored bytes, decoded bytes), in data-file order
+
+    @property
+    def nbytes(self) -> int:
+        n = ITEMSIZE[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def unprotected_bytes(self) -> int:
+        return self.nbytes - self.xor_bytes
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One safetensors file of the fine-tune, rebuilt byte for byte on decode."""
+
+    name: str
+    size: int
+    sha256: str
+    header: str  # the JSON header exactly as on disk, padding included
+    data_file: str
+    tensors: tuple[TensorEntry, ...]
+
+    @property
+    def header_bytes(self) -> bytes:
+        return self.header.encode("utf-8")
+
+
+@dataclass(frozen=True)
+class OtherFile:
+    """A non-tensor file: ``reference`` copies it from the base, ``ship`` from the delta."""
+
+    name: str
+    size: int
+    sha256: str
+    mode: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    base: BaseRef
+    compression: str
+    frame_bytes: int
+    weight_files: tuple[WeightFile, ...]
+    other_files: tuple[OtherFile, ...]
+    tool_version: str = __version__
+    format_version: int = DELTA_VERSION
+
+    def tensors(self) -> list[TensorEntry]:
+        return [t for f in self.weight_files for t in f.tensors]
+
+    def to_json(self) -> str:
+        obj = {"format": DELTA_FORMAT, **asdict(self)}
+        return json.dumps(obj, indent=1) + "\n"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def check_relpath(name: Any, where: str, allow_dirs: bool = False) -> str:
+    """Refuse a file name that could escape the folder it belongs to."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise ManifestError(f"{where}: invalid file name {name!r}")
+    path = PurePosixPath(name)
+    if path.is_absolute() or any(p in ("", ".", "..") for p in name.split("/")):
+        raise ManifestError(f"{where}: file name {name!r} escapes the output folder", "the delta is hostile or damaged")
+    if not allow_dirs and len(path.parts) != 1:
+        raise ManifestError(f"{where}: file name {name!r} must not contain a folder")
+    return name
+
+
+class _Reader:
+    """Pulls typed fields out of parsed JSON with messages that say where."""
+
+    def __init__(self, obj: Any, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+        self.obj = obj
+        self.where = where
+        self.used: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.obj:
+            if optional:
+                return None
+            raise ManifestError(f"{self.where}: missing field {key!r}")
+        value = self.obj[key]
+        if value is None and optional:
+            return None
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ManifestError(f"{self.where}: field {key!r} has the wrong type ({type(value).__name__})")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ManifestError(f"{self.where}: field {key!r} is negative")
+        return value
+
+    def done(self) -> None:
+        extra = set(self.obj) - self.used
+        if extra:
+            raise ManifestError(f"{self.where}: unexpected fields {sorted(extra)}")
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise ManifestError(f"{where}: invalid shape {value!r}")
+    return tuple(value)
+
+
+def _dtype(value: Any, where: str) -> str:
+    if value not in ITEMSIZE:
+        raise ManifestError(f"{where}: unknown dtype {value!r}")
+    return str(value)
+
+
+def _hexdigest(value: Any, length: int, where: str) -> str:
+    if not isinstance(value, str) or len(value) != length or any(c not in "0123456789abcdef" for c in value):
+        raise ManifestError(f"{where}: invalid checksum {value!r}")
+    return value
+
+
+def _tensor(obj: Any, where: str) -> TensorEntry:
+    r = _Reader(obj, where)
+    name = r.get("name", str)
+    where = f"{where} ({name})"
+    dtype = _dtype(r.get("dtype", str), where)
+    shape = _shape(r.get("shape", list), where)
+    xxh3 = _hexdigest(r.get("xxh3", str), 32, where)
+    method = r.get("method", str)
+    if method not in METHODS:
+        raise ManifestError(f"{where}: unknown method {method!r}")
+    base = None
+    base_obj = r.get("base", dict, optional=True)
+    if base_obj is not None:
+        b = _Reader(base_obj, f"{where} base")
+        base = BaseTensor(
+            b.get("name", str),
+            _dtype(b.get("dtype", str), where),
+            _shape(b.get("shape", list), where),
+            _hexdigest(b.get("xxh3", str), 32, where),
+        )
+        b.done()
+    xor_bytes = r.get("xor_bytes", int)
+    frames_obj = r.get("frames", list)
+    frames = []
+    for fr in frames_obj:
+        if not (isinstance(fr, list) and len(fr) == 2 and all(isinstance(v, int) and v >= 0 for v in fr)):
+            raise ManifestError(f"{where}: invalid frame {fr!r}")
+        frames.append((fr[0], fr[1]))
+    r.done()
+    entry = TensorEntry(name, dtype, shape, xxh3, method, base, xor_bytes, tuple(frames))
+    if sum(raw for _, raw in frames) != entry.nbytes:
+        raise ManifestError(
+            f"{where}: frames decode to {sum(raw for _, raw in frames)} bytes, the tensor has {entry.nbytes}"
+        )
+    if xor_bytes > entry.nbytes or (method == "raw") != (base is None) or (method == "raw" and xor_bytes):
+        raise ManifestError(f"{where}: method {method!r} does not fit its base and xor_bytes")
+    return entry
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """Parse and validate a delta manifest."""
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ManifestError(f"{where}: not valid JSON ({exc})") from None
+    r = _Reader(obj, where)
+    if r.get("format", str) != DELTA_FORMAT:
+        raise ManifestError(f"{where}: not an xorweights delta manifest")
+    version = r.get("format_version", int)
+    if version > DELTA_VERSION:
+        raise ManifestError(
+            f"{where}: format version {version} was made by a newer xorweights (this one reads up to {DELTA_VERSION})",
+            "upgrade: pip install -U xorweights",
+        )
+    if version < 1:
+        raise ManifestError(f"{where}: invalid format version {version}")
+    tool_version = r.get("tool_version", str)
+    b = _Reader(r.get("base", dict), f"{where} base")
+    base = BaseRef(b.get("description", str), b.get("repo_id", str, True), b.get("revision", str, True))
+    b.done()
+    compression = r.get("compression", str)
+    if compression not in ("zstd", "none"):
+        raise ManifestError(f"{where}: unknown compression {compression!r}")
+    frame_bytes = r.get("frame_bytes", int)
+    weight_files = []
+    seen: set[str] = set()
+    tensor_names: set[str] = set()
+    for i, wf_obj in enumerate(r.get("weight_files", list)):
+        w = _Reader(wf_obj, f"{where} weight_files[{i}]")
+        name = check_relpath(w.get("name", str), w.where)
+        tensors = tuple(_tensor(t, f"{w.where} tensor") for t in w.get("tensors", list))
+        wf = WeightFile(
+            name,
+            w.get("size", int),
+            _hexdigest(w.get("sha256", str), 64, w.where),
+            w.get("header", str),
+            check_relpath(w.get("data_file", str), w.where),
+            tensors,
+        )
+        w.done()
+        for t in tensors:
+            if t.name in tensor_names:
+                raise ManifestError(f"{where}: tensor {t.name!r} is listed twice")
+            tensor_names.add(t.name)
+        weight_files.append(wf)
+        seen.add(name)
+    other_files = []
+    for i, of_obj in enumerate(r.get("other_files", list)):
+        o = _Reader(of_obj, f"{where} other_files[{i}]")
+        of = OtherFile(
+            check_relpath(o.get("name", str), o.where, allow_dirs=True),
+            o.get("size", int),
+            _hexdigest(o.get("sha256", str), 64, o.where),
+            o.get("mode", str),
+        )
+        o.done()
+        if of.mode not in ("reference", "ship"):
+            raise ManifestError(f"{o.where}: unknown mode {of.mode!r}")
+        other_files.append(of)
+        seen.add(of.name)
+    names = [f.name for f in weight_files] + [f.name for f in other_files]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"{where}: a file is listed twice")
+    data_files = [f.data_file for f in weight_files]
+    if len(set(data_files)) != len(data_files):
+        raise ManifestError(f"{where}: a data file is used twice")
+    r.done()
+    return Manifest(base, compression, frame_bytes, tuple(weight_files), tuple(other_files), tool_version, version)
+
+
+def load_manifest(delta: Path) -> Manifest:
+    path = Path(delta) / MANIFEST_NAME
+    if not path.is_file():
+        hint = "run `xorweights encode` to make a delta, or point at the folder that holds " + MANIFEST_NAME
+        if Path(delta).is_dir():
+            raise ManifestError(f"{delta}: no {MANIFEST_NAME}; this is not a complete delta", hint)
+        raise ManifestError(f"{delta}: no such delta folder", hint)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot read ({exc})") from None
+    return parse_manifest(text, str(path))
+
+
+# ---------------------------------------------------------------- checksums
+
+
+@dataclass(frozen=True)
+class TensorSum:
+    dtype: str
+    shape: tuple[int, ...]
+    xxh3: str
+
+
+@dataclass(frozen=True)
+class FileSum:
+    size: int
+    sha256: str
+
+
+@dataclass
+class Checksums:
+    """Per-tensor xxh3-128 and per-file sha256 of a checkpoint folder."""
+
+    tensors: dict[str, TensorSum] = field(default_factory=dict)
+    files: dict[str, FileSum] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        obj = {
+            "format": CHECKSUM_FORMAT,
+            "format_version": CHECKSUM_VERSION,
+            "tool_version": __version__,
+            "files": {k: asdict(v) for k, v in sorted(self.files.items())},
+            "tensors": {k: asdict(v) for k, v in sorted(self.tensors.items())},
+        }
+        return json.dumps(obj, indent=1) + "\n"
+
+
+def load_checksums(path: Path) -> Checksums:
+    where = str(path)
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ManifestError(
+            f"{where}: cannot read checksum manifest ({exc})", "pass a file made by `xorweights checksum`"
+        ) from None
+    r = _Reader(obj, where)
+    if r.get("format", str) != CHECKSUM_FORMAT:
+        raise ManifestError(
+            f"{where}: not an xorweights checksum manifest", "pass a file made by `xorweights checksum`"
+        )
+    version = r.get("format_version", int)
+    if version > CHECKSUM_VERSION:
+        raise ManifestError(f"{where}: made by a newer xorweights", "upgrade: pip install -U xorweights")
+    r.get("tool_version", str)
+    out = Checksums()
+    for name, t in r.get("tensors", dict).items():
+        tr = _Reader(t, f"{where} tensor {name}")
+        out.tensors[name] = TensorSum(
+            _dtype(tr.get("dtype", str), tr.where),
+            _shape(tr.get("shape", list), tr.where),
+            _hexdigest(tr.get("xxh3", str), 32, tr.where),
+        )
+        tr.done()
+    for name, f in r.get("files", dict).items():
+        check_relpath(name, where, allow_dirs=True)
+        fr = _Reader(f, f"{where} file {name}")
+        out.files[name] = FileSum(fr.get("size", int), _hexdigest(fr.get("sha256", str), 64, fr.where))
+        fr.done()
+    r.done()
+    return out

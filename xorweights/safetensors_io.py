@@ -1,0 +1,203 @@
+"""Safetensors headers: parse and validate, map the raw bytes, build new headers.
+
+We never hand the data to a framework: a tensor is a byte range of a
+memory-mapped file, read as ``uint8``. That keeps bf16 readable without torch
+and lets callers page through a 4 GB tensor chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dtypes import ITEMSIZE
+from .errors import InputFileError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file; offsets are relative to the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_header(header: bytes, data_size: int, where: str) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Validate a header and return its tensors in data order, and its metadata.
+
+    ``where`` names the file in error messages. The data section must be
+    covered exactly, without gaps or overlaps, as the official library demands.
+    """
+
+    def bad(what: str) -> InputFileError:
+        return InputFileError(
+            f"{where}: not a valid safetensors file: {what}",
+            "the file is damaged or was not written by safetensors; re-download it",
+        )
+
+    try:
+        obj = json.loads(header.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"header is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise bad("header is not a JSON object")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise bad("__metadata__ must map strings to strings")
+    tensors: list[TensorInfo] = []
+    for name, entry in obj.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r} needs exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in ITEMSIZE:
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise bad(f"tensor {name!r} has invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r} outside the {data_size} data bytes")
+        expected = math.prod(shape) * ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise bad(
+                f"tensor {name!r} is {dtype}{shape}, {expected} bytes, "
+                f"but its data_offsets span {offsets[1] - offsets[0]}"
+            )
+        tensors.append(TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    position = 0
+    for t in tensors:
+        if t.begin != position:
+            kind = "overlaps the previous tensor" if t.begin < position else "leaves a gap before it"
+            raise bad(f"tensor {t.name!r} at offset {t.begin} {kind}")
+        position = t.end
+    if position != data_size:
+        raise bad(f"tensors cover {position} of {data_size} data bytes")
+    return tensors, metadata
+
+
+class SafetensorsFile:
+    """A safetensors file opened for reading raw tensor bytes through mmap."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.is_symlink() and not path.exists():
+            raise InputFileError(f"{path}: broken symbolic link", "fix or replace the link")
+        if not path.is_file():
+            raise InputFileError(f"{path}: expected a safetensors file, found a directory or nothing")
+        self.size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputFileError(f"{path}: truncated, only {self.size} bytes", "re-download it")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise InputFileError(
+                    f"{path}: header claims {n} bytes, more than the {MAX_HEADER_BYTES} allowed",
+                    "the file is damaged or hostile; re-download it",
+                )
+            if 8 + n > self.size:
+                raise InputFileError(
+                    f"{path}: header claims {n} bytes but the file has {self.size}; it is truncated",
+                    "re-download it",
+                )
+            self.header_bytes = f.read(n)
+        self.data_start = 8 + n
+        self.tensors, self.metadata = parse_header(self.header_bytes, self.size - self.data_start, str(path))
+        self.by_name = {t.name: t for t in self.tensors}
+        self._mmap: mmap.mmap | None = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mmap is None:
+            with self.path.open("rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def read(self, tensor: TensorInfo, start: int, stop: int) -> np.ndarray:
+        """Bytes ``[start, stop)`` of ``tensor`` as a read-only ``uint8`` view."""
+        m = self._map()
+        begin = self.data_start + tensor.begin
+        return np.frombuffer(m, dtype=np.uint8, count=stop - start, offset=begin + start)
+
+    def release(self, tensor: TensorInfo, start: int, stop: int) -> None:
+        """Drop the pages of a consumed range from our resident set.
+
+        The mapping is read-only and file-backed, so the kernel can re-read the
+        pages if we ever touch them again; this only keeps RSS flat.
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        lo = self.data_start + tensor.begin + start
+        hi = self.data_start + tensor.begin + stop
+        lo_page = lo - lo % page
+        if hi > lo_page:
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED, lo_page, hi - lo_page)
+            except OSError:
+                pass  # advisory only
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # a numpy view still points at it; the GC will unmap
+            self._mmap = None
+
+
+def build_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[TensorInfo]]:
+    """Build the 8-byte length prefix plus header for tensors laid out in order.
+
+    Returns the bytes to write before the data and the planned layout, so a
+    streaming writer can emit the data afterwards and check the byte counts.
+    The header is padded with spaces to a multiple of 8, as safetensors does.
+    """
+    obj: dict[str, Any] = {}
+    if metadata:
+        obj["__metadata__"] = dict(metadata)
+    layout: list[TensorInfo] = []
+    position = 0
+    for name, dtype, shape in tensors:
+        n = math.prod(shape) * ITEMSIZE[dtype]
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + n]}
+        layout.append(TensorInfo(name, dtype, tuple(shape), position, position + n))
+        position += n
+    body = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-(len(body)) % _ALIGN)
+    return struct.pack("<Q", len(body)) + body, layout
