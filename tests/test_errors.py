@@ -238,18 +238,17 @@ def test_check_base_lists_the_differing_tensor(pair: Pair, delta: Path) -> None:
     problems = r.stdout.strip().splitlines()
     assert len(problems) == 1, r.stdout
     assert problems[0].startswith(f"base tensor {name}: expected xxh3-128 {want}, found ")
-    assert r.stderr.startswith(f"xorweights: error: 1 differences between {pair.base} and the base this delta needs"), (
+    assert r.stderr.startswith(f"xorweights: error: {pair.base}: 1 difference(s) from the base this delta needs"), (
         r.stderr
     )
     assert tree_digest(pair.base) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli.decode --check-base failure line has no (hint: ...)")
 def test_check_base_failure_has_a_hint(pair: Pair, delta: Path) -> None:
     begin, _ = tensor_span(pair.base / SHARD2, "model.layers.1.mlp.gate_proj.weight")
     flip(pair.base / SHARD2, begin)
     r = run("decode", delta, "--base", pair.base, "--check-base")
-    assert_error(r, 1, f"1 differences between {pair.base}")
+    assert_error(r, 1, f"{pair.base}: 1 difference(s)", hint="xorweights inspect DELTA")
 
 
 def test_check_base_against_the_right_base(pair: Pair, delta: Path) -> None:
@@ -372,14 +371,9 @@ def test_absolute_other_file_name_is_refused(pair: Pair, delta: Path, tmp_path: 
     ("drop", "needle"),
     [
         (lambda m: m.pop("compression"), "missing field 'compression'"),
-        pytest.param(
+        (
             lambda m: m["weight_files"][0]["tensors"][1].pop("xxh3"),
-            "(model.layers.0.self_attn.q_proj.weight): missing field 'xxh3'",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: manifest._tensor adds the tensor name to `where` after building its _Reader, "
-                "so a missing or mistyped tensor field is reported as 'weight_files[0] tensor' without the name",
-            ),
+            "tensor model.layers.0.self_attn.q_proj.weight: missing field 'xxh3'",
         ),
     ],
     ids=["top-level", "tensor"],
@@ -407,11 +401,6 @@ def test_manifest_listing_a_tensor_twice(pair: Pair, delta: Path, tmp_path: Path
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: manifest._tensor does not check xor_bytes against the base tensor's size; "
-    "BaseStream reads past the base tensor and numpy's ValueError becomes an internal error",
-)
 def test_manifest_xoring_more_bytes_than_the_base_holds(pair: Pair, delta: Path, tmp_path: Path) -> None:
     # lm_head.weight has 4 added rows: the base covers 4096 of its 4352 bytes.
     edit_manifest(delta, lambda m: entry(m, "lm_head.weight").update(xor_bytes=4352))
@@ -419,11 +408,6 @@ def test_manifest_xoring_more_bytes_than_the_base_holds(pair: Pair, delta: Path,
     assert_error(r, 1, "lm_head.weight", str(delta / MANIFEST), hint="re-download")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: neither manifest._tensor nor decode._match_base checks that the base dtype can be cast "
-    "to the tensor's (dtypes.can_cast); BaseStream's cast_bytes raises ValueError, shown as an internal error",
-)
 def test_manifest_xoring_against_a_base_dtype_that_cannot_be_cast(pair: Pair, delta: Path, tmp_path: Path) -> None:
     # Same bytes, relabelled I16 in both the base and the manifest: only the cast check can refuse it.
     rewrite_header(pair.base / SHARD2, lambda h: h["lm_head.weight"].update(dtype="I16"))
@@ -432,11 +416,6 @@ def test_manifest_xoring_against_a_base_dtype_that_cannot_be_cast(pair: Pair, de
     assert_error(r, 1, "lm_head.weight", "I16", "F16", hint="re-download")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: manifest.parse_manifest accepts a header with a lone surrogate (JSON \\ud800); "
-    "WeightFile.header_bytes then raises UnicodeEncodeError, shown as an internal error",
-)
 def test_manifest_header_that_is_not_utf8(pair: Pair, delta: Path, tmp_path: Path) -> None:
     edit_manifest(delta, lambda m: m["weight_files"][0].update(header="\ud800"))
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
@@ -545,11 +524,6 @@ def test_missing_base_is_a_usage_error(pair: Pair, delta: Path, tmp_path: Path, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cli.decode raises click.UsageError inside translate_errors, whose catch-all turns it "
-    "into 'internal error: UsageError' with exit code 1 instead of a usage error with exit code 2",
-)
 def test_decode_without_out_or_check_base_is_a_usage_error(pair: Pair, delta: Path) -> None:
     r = run("decode", delta, "--base", pair.base)
     assert r.exit_code == 2, r.output

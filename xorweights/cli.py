@@ -41,6 +41,8 @@ def translate_errors(fn: F) -> F:
         debug = os.environ.get("XORWEIGHTS_DEBUG") == "1"
         try:
             return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
         except XorWeightsError as exc:
             if debug:
                 traceback.print_exc()
@@ -142,7 +144,11 @@ def decode(delta: Path, base: Path, out: Path | None, dtype: str | None, check_b
         for p in problems:
             click.echo(p)
         if problems:
-            _fail(f"{len(problems)} differences between {base} and the base this delta needs", 1)
+            _fail(
+                f"{base}: {len(problems)} difference(s) from the base this delta needs, listed above "
+                "(hint: get the base named by `xorweights inspect DELTA`)",
+                1,
+            )
         click.echo(f"{base} is the base this delta needs: every tensor and referenced file matches")
         return
     if out is None:

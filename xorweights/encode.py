@@ -24,6 +24,7 @@ from .kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_span
 from .manifest import (
     MANIFEST_NAME,
     SHIPPED_DIR,
+    DATA_SUFFIX,
     BaseRef,
     BaseTensor,
     Manifest,
@@ -98,7 +99,7 @@ def plan_encode(finetuned: Checkpoint, base: Checkpoint, exclude: list[str]) -> 
     files = []
     for i, f in enumerate(finetuned.files, 1):
         tensors = tuple(plan_tensor(finetuned.tensors[t.name], base.tensors.get(t.name)) for t in f.tensors)
-        files.append(FilePlan(f, f"tensors-{i:05d}.xwd", tensors))
+        files.append(FilePlan(f, f"tensors-{i:05d}{DATA_SUFFIX}", tensors))
     base_others = set(base.other_files())
     others: list[OtherFile] = []
     not_shipped: list[str] = []

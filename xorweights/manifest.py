@@ -13,13 +13,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import __version__
-from .dtypes import ITEMSIZE
+from .dtypes import ITEMSIZE, can_cast
 from .errors import ManifestError
 
 DELTA_FORMAT = "xorweights-delta"
 DELTA_VERSION = 1
 MANIFEST_NAME = "xorweights-delta.json"
 SHIPPED_DIR = "files"
+DATA_SUFFIX = ".xwd"
 
 CHECKSUM_FORMAT = "xorweights-checksums"
 CHECKSUM_VERSION = 1
@@ -120,15 +121,17 @@ class Manifest:
 # ---------------------------------------------------------------- validation
 
 
-def check_relpath(name: Any, where: str, allow_dirs: bool = False) -> str:
-    """Refuse a file name that could escape the folder it belongs to."""
+def check_relpath(name: Any, where: str, allow_dirs: bool = False, suffix: str = "") -> str:
+    """Refuse a file name that could escape the folder it belongs to, or hide in it."""
     if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
         raise ManifestError(f"{where}: invalid file name {name!r}")
     path = PurePosixPath(name)
-    if path.is_absolute() or any(p in ("", ".", "..") for p in name.split("/")):
+    if path.is_absolute() or any(p in ("", ".", "..") or p.startswith(".") for p in name.split("/")):
         raise ManifestError(f"{where}: file name {name!r} escapes the output folder", "the delta is hostile or damaged")
     if not allow_dirs and len(path.parts) != 1:
         raise ManifestError(f"{where}: file name {name!r} must not contain a folder")
+    if not name.endswith(suffix):
+        raise ManifestError(f"{where}: file name {name!r} must end with {suffix}")
     return name
 
 
@@ -181,10 +184,18 @@ def _hexdigest(value: Any, length: int, where: str) -> str:
     return value
 
 
+def _header(value: str, where: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"{where}: header is not valid UTF-8") from None
+    return value
+
+
 def _tensor(obj: Any, where: str) -> TensorEntry:
     r = _Reader(obj, where)
     name = r.get("name", str)
-    where = f"{where} ({name})"
+    where = r.where = f"{where} {name}"
     dtype = _dtype(r.get("dtype", str), where)
     shape = _shape(r.get("shape", list), where)
     xxh3 = _hexdigest(r.get("xxh3", str), 32, where)
@@ -211,13 +222,28 @@ def _tensor(obj: Any, where: str) -> TensorEntry:
         frames.append((fr[0], fr[1]))
     r.done()
     entry = TensorEntry(name, dtype, shape, xxh3, method, base, xor_bytes, tuple(frames))
-    if sum(raw for _, raw in frames) != entry.nbytes:
-        raise ManifestError(
-            f"{where}: frames decode to {sum(raw for _, raw in frames)} bytes, the tensor has {entry.nbytes}"
-        )
-    if xor_bytes > entry.nbytes or (method == "raw") != (base is None) or (method == "raw" and xor_bytes):
-        raise ManifestError(f"{where}: method {method!r} does not fit its base and xor_bytes")
+    decoded = sum(raw for _, raw in frames)
+    if decoded != entry.nbytes:
+        raise ManifestError(f"{where}: frames decode to {decoded} bytes, the tensor has {entry.nbytes}")
+    if base is not None and not can_cast(base.dtype, dtype):
+        raise ManifestError(f"{where}: a {base.dtype} base tensor cannot stand in for {dtype}")
+    if xor_bytes != _expected_xor_bytes(entry):
+        raise ManifestError(f"{where}: method {method!r} with xor_bytes {xor_bytes} does not fit its base")
     return entry
+
+
+def _expected_xor_bytes(t: TensorEntry) -> int | None:
+    """How many leading bytes the base can cover, or None when the pairing is invalid."""
+    if t.method == "raw":
+        return 0 if t.base is None else None
+    b = t.base
+    if b is None or len(b.shape) != len(t.shape):
+        return None
+    if t.method == "xor":
+        return t.nbytes if b.shape == t.shape else None
+    if not t.shape or b.shape[1:] != t.shape[1:] or not t.shape[0]:
+        return None
+    return t.nbytes // t.shape[0] * min(t.shape[0], b.shape[0])
 
 
 def parse_manifest(text: str, where: str) -> Manifest:
@@ -250,14 +276,15 @@ def parse_manifest(text: str, where: str) -> Manifest:
     tensor_names: set[str] = set()
     for i, wf_obj in enumerate(r.get("weight_files", list)):
         w = _Reader(wf_obj, f"{where} weight_files[{i}]")
-        name = check_relpath(w.get("name", str), w.where)
+        name = check_relpath(w.get("name", str), w.where, suffix=".safetensors")
+        w.where = f"{w.where} {name}"
         tensors = tuple(_tensor(t, f"{w.where} tensor") for t in w.get("tensors", list))
         wf = WeightFile(
             name,
             w.get("size", int),
             _hexdigest(w.get("sha256", str), 64, w.where),
-            w.get("header", str),
-            check_relpath(w.get("data_file", str), w.where),
+            _header(w.get("header", str), w.where),
+            check_relpath(w.get("data_file", str), w.where, suffix=DATA_SUFFIX),
             tensors,
         )
         w.done()
