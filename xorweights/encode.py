@@ -22,9 +22,9 @@ from .dtypes import can_cast
 from .errors import OutputError, UsageError, XorWeightsError
 from .kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash, sha256_file
 from .manifest import (
+    DATA_SUFFIX,
     MANIFEST_NAME,
     SHIPPED_DIR,
-    DATA_SUFFIX,
     BaseRef,
     BaseTensor,
     Manifest,
