@@ -9,7 +9,9 @@ partial file, and a kill -9 leaves only an obviously partial name behind.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -80,8 +82,20 @@ class AtomicWriter:
             self.file.close()
             self.partial.unlink(missing_ok=True)
             self.file = None
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+        if isinstance(exc, OSError):
             raise output_error(exc, self.final) from exc
+
+
+def copy_atomic(src: Path, dst: Path, check: Callable[[str], None]) -> None:
+    """Copy ``src`` to ``dst``; ``check(sha256)`` runs before the rename and may raise."""
+    writer = AtomicWriter(dst)
+    with writer as out, src.open("rb") as f:
+        h = hashlib.sha256()
+        while block := f.read(1 << 20):
+            h.update(block)
+            out.write(block)
+        check(h.hexdigest())
+        writer.commit()
 
 
 def write_atomic(final: Path, data: bytes) -> None:

@@ -115,13 +115,13 @@ def compare(found: Checksums, want: Checksums, allow_extra_tensors: bool) -> Ver
     if not allow_extra_tensors:
         for name in sorted(set(found.tensors) - set(want.tensors)):
             report.problems.append(f"tensor {name}: not expected")
-    for name, w in sorted(want.files.items()):
+    for name, wf in sorted(want.files.items()):
         report.checked_files += 1
         ff = found.files.get(name)
         if ff is None:
             report.problems.append(f"file {name}: missing")
-        elif ff.sha256 != w.sha256:
-            report.problems.append(f"file {name}: expected sha256 {w.sha256}, found {ff.sha256}")
+        elif ff.sha256 != wf.sha256:
+            report.problems.append(f"file {name}: expected sha256 {wf.sha256}, found {ff.sha256}")
     return report
 
 

@@ -68,10 +68,6 @@ def translate_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _progress(quiet: bool) -> bool:
-    return not quiet
-
-
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries.")
 
 
@@ -118,7 +114,7 @@ def encode(
         base_description=base_description,
         base_repo_id=base_repo,
         base_revision=base_revision,
-        progress=_progress(quiet),
+        progress=not quiet,
     )
     if quiet:
         return
@@ -140,7 +136,7 @@ def encode(
 def decode(delta: Path, base: Path, out: Path | None, dtype: str | None, check_base: bool, quiet: bool) -> None:
     """Rebuild the fine-tune from DELTA and --base into --out (for downloaders)."""
     if check_base:
-        problems = check_base_api(delta, base, progress=_progress(quiet))
+        problems = check_base_api(delta, base, progress=not quiet)
         for p in problems:
             click.echo(p)
         if problems:
@@ -153,7 +149,7 @@ def decode(delta: Path, base: Path, out: Path | None, dtype: str | None, check_b
         return
     if out is None:
         raise click.UsageError("missing option '-o' / '--out' (or pass --check-base)")
-    result = decode_api(delta, base, out, dtype=dtype, progress=_progress(quiet))
+    result = decode_api(delta, base, out, dtype=dtype, progress=not quiet)
     if not quiet:
         how = f"converted to {dtype}" if dtype else "byte-identical to the release"
         click.echo(
@@ -168,7 +164,7 @@ def decode(delta: Path, base: Path, out: Path | None, dtype: str | None, check_b
 @translate_errors
 def checksum(path: Path, out: Path, quiet: bool) -> None:
     """Write per-tensor xxh3-128 and per-file sha256 of the checkpoint at PATH."""
-    sums = checksum_api(path, out, progress=_progress(quiet))
+    sums = checksum_api(path, out, progress=not quiet)
     if not quiet:
         click.echo(f"wrote {out}: {len(sums.tensors)} tensors, {len(sums.files)} files")
 
@@ -183,7 +179,7 @@ def checksum(path: Path, out: Path, quiet: bool) -> None:
 @translate_errors
 def verify(path: Path, manifest: Path | None, delta: Path | None, side: str, as_json: bool, quiet: bool) -> None:
     """Check the checkpoint at PATH; exit 0 when it matches, 1 when not."""
-    report = verify_api(path, manifest=manifest, delta=delta, side=side, progress=_progress(quiet) and not as_json)
+    report = verify_api(path, manifest=manifest, delta=delta, side=side, progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:

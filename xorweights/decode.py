@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .atomic import AtomicWriter, refuse_overlap, write_atomic
+from .atomic import AtomicWriter, copy_atomic, refuse_overlap, write_atomic
 from .base_stream import BaseStream
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
@@ -26,6 +26,7 @@ from .kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash, sha256_file
 from .manifest import (
     MANIFEST_NAME,
     SHIPPED_DIR,
+    BaseTensor,
     Checksums,
     FileSum,
     Manifest,
@@ -219,21 +220,20 @@ class _Rebuilder:
         return TensorSum(new_dtype, entry.shape, written_hash.hexdigest())
 
 
-def _copy_checked(src: Path, dst: Path, of: OtherFile, *, from_base: bool) -> None:
-    writer = AtomicWriter(dst)
-    with writer as out, src.open("rb") as f:
-        h = hashlib.sha256()
-        while block := f.read(1 << 20):
-            h.update(block)
-            out.write(block)
-        if h.hexdigest() != of.sha256:
-            if from_base:
-                raise BaseMismatchError(
-                    f"{src}: sha256 {h.hexdigest()} differs from the {of.sha256} of the base this delta was made from",
-                    f"restore {of.name} from the base model's original release",
-                )
-            raise DeltaCorruptError(f"{src}: sha256 differs from the manifest's")
-        writer.commit()
+def _restore(src: Path, dst: Path, of: OtherFile, *, from_base: bool) -> None:
+    """Copy a non-tensor file into OUT, refusing it unless its sha256 is the releaser's."""
+
+    def check(found: str) -> None:
+        if found == of.sha256:
+            return
+        if from_base:
+            raise BaseMismatchError(
+                f"{src}: sha256 {found} differs from the {of.sha256} of the base this delta was made from",
+                f"restore {of.name} from the base model's original release",
+            )
+        raise DeltaCorruptError(f"{src}: sha256 {found} differs from the manifest's {of.sha256}")
+
+    copy_atomic(src, dst, check)
 
 
 class _State:
@@ -341,7 +341,7 @@ def decode(
                 skipped.append(of.name)
             else:
                 src = bs.root / of.name if of.mode == "reference" else delta / SHIPPED_DIR / of.name
-                _copy_checked(src, final, of, from_base=of.mode == "reference")
+                _restore(src, final, of, from_base=of.mode == "reference")
                 written.append(of.name)
             checksums.files[of.name] = FileSum(of.size, of.sha256)
     if target_dtype is not None:
@@ -383,10 +383,13 @@ def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> l
     problems = []
     with Checkpoint(Path(base)) as bs:
         jobs = plan_decode(manifest, delta, bs)
-        needed = {t.entry.base.name: (t.entry.base, t.base) for j in jobs for t in j.tensors if t.base and t.entry.base}
-        bar = byte_bar(sum(ref.nbytes for _, ref in needed.values() if ref), "check base", progress)
+        needed: dict[str, tuple[BaseTensor, TensorRef]] = {}
+        for job in jobs:
+            for tj in job.tensors:
+                if tj.base is not None and tj.entry.base is not None:
+                    needed[tj.entry.base.name] = (tj.entry.base, tj.base)
+        bar = byte_bar(sum(ref.nbytes for _, ref in needed.values()), "check base", progress)
         for name, (want, ref) in needed.items():
-            assert ref is not None
             found = BaseStream(ref, ref.dtype, 0).finish()
             bar.update(ref.nbytes)
             if found != want.xxh3:

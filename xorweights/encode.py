@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import AtomicWriter, refuse_overlap, write_atomic
+from .atomic import AtomicWriter, copy_atomic, refuse_overlap, write_atomic
 from .base_stream import BaseStream
 from .checkpoint import Checkpoint, TensorRef, is_foreign_weight
 from .dtypes import can_cast
-from .errors import OutputError, UsageError, XorWeightsError
+from .errors import InputFileError, OutputError, UsageError, XorWeightsError
 from .kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash, sha256_file
 from .manifest import (
     DATA_SUFFIX,
@@ -31,7 +31,7 @@ from .manifest import (
     OtherFile,
     TensorEntry,
     WeightFile,
-    parse_manifest,
+    parse_weight_file,
 )
 from .progress import byte_bar
 from .report import delta_size
@@ -243,7 +243,7 @@ def encode(
         encoder.bar.close()
         for of in plan.other_files:
             if of.mode == "ship":
-                _copy_shipped(ft.root / of.name, delta / SHIPPED_DIR / of.name)
+                _ship(ft.root / of.name, delta / SHIPPED_DIR / of.name, of)
     manifest = Manifest(
         BaseRef(
             base_description or f"the base checkpoint used at encode time ({Path(base).name})",
@@ -266,18 +266,7 @@ def _resume(state_path: Path, fingerprint: dict[str, object], data_path: Path) -
         record = json.loads(state_path.read_text())
         if record["fingerprint"] != fingerprint:
             return None
-        # Reuse the manifest validator on a one-file manifest.
-        probe = {
-            "format": "xorweights-delta",
-            "format_version": 1,
-            "tool_version": "",
-            "base": {"description": ""},
-            "compression": fingerprint["compression"],
-            "frame_bytes": fingerprint["frame_bytes"],
-            "weight_files": [record["file"]],
-            "other_files": [],
-        }
-        wf = parse_manifest(json.dumps(probe), str(state_path)).weight_files[0]
+        wf = parse_weight_file(record["file"], str(state_path))
     except (OSError, ValueError, KeyError, TypeError, XorWeightsError):
         return None
     if not data_path.is_file() or data_path.stat().st_size != sum(s for t in wf.tensors for s, _ in t.frames):
@@ -285,8 +274,9 @@ def _resume(state_path: Path, fingerprint: dict[str, object], data_path: Path) -
     return wf
 
 
-def _copy_shipped(src: Path, dst: Path) -> None:
-    writer = AtomicWriter(dst)
-    with writer as out, src.open("rb") as f:
-        shutil.copyfileobj(f, out, 1 << 20)
-        writer.commit()
+def _ship(src: Path, dst: Path, of: OtherFile) -> None:
+    def check(found: str) -> None:
+        if found != of.sha256:
+            raise InputFileError(f"{src}: changed while encoding", "run encode again once the fine-tune is final")
+
+    copy_atomic(src, dst, check)

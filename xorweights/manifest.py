@@ -246,6 +246,23 @@ def _expected_xor_bytes(t: TensorEntry) -> int | None:
     return t.nbytes // t.shape[0] * min(t.shape[0], b.shape[0])
 
 
+def parse_weight_file(obj: Any, where: str) -> WeightFile:
+    """Validate one ``weight_files`` entry (also used for encode's resume records)."""
+    w = _Reader(obj, where)
+    name = check_relpath(w.get("name", str), w.where, suffix=".safetensors")
+    w.where = f"{w.where} {name}"
+    wf = WeightFile(
+        name,
+        w.get("size", int),
+        _hexdigest(w.get("sha256", str), 64, w.where),
+        _header(w.get("header", str), w.where),
+        check_relpath(w.get("data_file", str), w.where, suffix=DATA_SUFFIX),
+        tuple(_tensor(t, f"{w.where} tensor") for t in w.get("tensors", list)),
+    )
+    w.done()
+    return wf
+
+
 def parse_manifest(text: str, where: str) -> Manifest:
     """Parse and validate a delta manifest."""
     try:
@@ -272,28 +289,14 @@ def parse_manifest(text: str, where: str) -> Manifest:
         raise ManifestError(f"{where}: unknown compression {compression!r}")
     frame_bytes = r.get("frame_bytes", int)
     weight_files = []
-    seen: set[str] = set()
     tensor_names: set[str] = set()
     for i, wf_obj in enumerate(r.get("weight_files", list)):
-        w = _Reader(wf_obj, f"{where} weight_files[{i}]")
-        name = check_relpath(w.get("name", str), w.where, suffix=".safetensors")
-        w.where = f"{w.where} {name}"
-        tensors = tuple(_tensor(t, f"{w.where} tensor") for t in w.get("tensors", list))
-        wf = WeightFile(
-            name,
-            w.get("size", int),
-            _hexdigest(w.get("sha256", str), 64, w.where),
-            _header(w.get("header", str), w.where),
-            check_relpath(w.get("data_file", str), w.where, suffix=DATA_SUFFIX),
-            tensors,
-        )
-        w.done()
-        for t in tensors:
+        wf = parse_weight_file(wf_obj, f"{where} weight_files[{i}]")
+        for t in wf.tensors:
             if t.name in tensor_names:
                 raise ManifestError(f"{where}: tensor {t.name!r} is listed twice")
             tensor_names.add(t.name)
         weight_files.append(wf)
-        seen.add(name)
     other_files = []
     for i, of_obj in enumerate(r.get("other_files", list)):
         o = _Reader(of_obj, f"{where} other_files[{i}]")
@@ -307,7 +310,6 @@ def parse_manifest(text: str, where: str) -> Manifest:
         if of.mode not in ("reference", "ship"):
             raise ManifestError(f"{o.where}: unknown mode {of.mode!r}")
         other_files.append(of)
-        seen.add(of.name)
     names = [f.name for f in weight_files] + [f.name for f in other_files]
     if len(set(names)) != len(names):
         raise ManifestError(f"{where}: a file is listed twice")
