@@ -25,6 +25,12 @@ def partial_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
 
 
+def remove_partials(folder: Path) -> None:
+    """Delete partial files an earlier, killed run left in ``folder`` (an output we own)."""
+    for p in folder.rglob(f".*{PARTIAL_SUFFIX}"):
+        p.unlink(missing_ok=True)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -15,7 +15,7 @@ from .atomic import write_atomic
 from .checkpoint import Checkpoint
 from .errors import UsageError
 from .kernel import DEFAULT_FRAME_BYTES, new_tensor_hash, sha256_file
-from .manifest import Checksums, FileSum, TensorSum, load_checksums, load_manifest
+from .manifest import CHECKSUMS_NAME, Checksums, FileSum, TensorSum, load_checksums, load_manifest
 from .progress import byte_bar
 
 
@@ -143,12 +143,12 @@ def verify(
         want, allow_extra = expected_from_delta(Path(delta), side)
     else:
         if manifest is None:
-            manifest = Path(path) / "xorweights-checksums.json"
+            manifest = Path(path) / CHECKSUMS_NAME
             if not Path(manifest).is_file():
                 raise UsageError(
-                    f"{path}: no xorweights-checksums.json to verify against",
+                    f"{path}: no {CHECKSUMS_NAME} to verify against",
                     "pass --manifest FILE or --delta DELTA",
                 )
         want, allow_extra = load_checksums(Path(manifest)), False
-        want.files.pop("xorweights-checksums.json", None)
+        want.files.pop(CHECKSUMS_NAME, None)
     return compare(scan(Path(path), progress), want, allow_extra)

@@ -17,13 +17,14 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .atomic import AtomicWriter, copy_atomic, refuse_overlap, write_atomic
+from .atomic import AtomicWriter, copy_atomic, refuse_overlap, remove_partials, write_atomic
 from .base_stream import BaseStream
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
 from .kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash, sha256_file
 from .manifest import (
+    CHECKSUMS_NAME,
     MANIFEST_NAME,
     SHIPPED_DIR,
     BaseTensor,
@@ -41,7 +42,6 @@ from .safetensors_io import build_header, parse_header
 
 STATE_DIR = ".xorweights"
 STATE_NAME = "decode-state.json"
-CHECKSUMS_NAME = "xorweights-checksums.json"
 
 LOSSY_BF16_HINT = (
     "your base was saved as bf16, which loses precision against the fp16 weights this delta was made from; "
@@ -347,6 +347,7 @@ def decode(
     if target_dtype is not None:
         _write_converted_index(out, jobs, checksums)
         write_atomic(out / CHECKSUMS_NAME, checksums.to_json().encode())
+    remove_partials(out)
     return DecodeResult(out, written, skipped, target_dtype)
 
 

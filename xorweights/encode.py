@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import AtomicWriter, copy_atomic, refuse_overlap, write_atomic
+from .atomic import AtomicWriter, copy_atomic, refuse_overlap, remove_partials, write_atomic
 from .base_stream import BaseStream
 from .checkpoint import Checkpoint, TensorRef, is_foreign_weight
 from .dtypes import can_cast
@@ -257,6 +257,7 @@ def encode(
     )
     write_atomic(delta / MANIFEST_NAME, manifest.to_json().encode())
     shutil.rmtree(state_dir, ignore_errors=True)
+    remove_partials(delta)
     return EncodeResult(manifest, plan, delta_size(delta))
 
 

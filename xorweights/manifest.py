@@ -23,6 +23,7 @@ SHIPPED_DIR = "files"
 DATA_SUFFIX = ".xwd"
 
 CHECKSUM_FORMAT = "xorweights-checksums"
+CHECKSUMS_NAME = "xorweights-checksums.json"  # written into OUT by decode --dtype
 CHECKSUM_VERSION = 1
 
 METHODS = ("xor", "partial_xor", "raw")
