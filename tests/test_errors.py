@@ -244,6 +244,26 @@ def test_check_base_lists_the_differing_tensor(pair: Pair, delta: Path) -> None:
     assert tree_digest(pair.base) == before
 
 
+def test_check_base_lists_every_kind_of_difference(delta: Path, tmp_path: Path) -> None:
+    tensors = make_base(LlamaSpec())
+    tensors["model.layers.0.mlp.up_proj.weight"] = Tensor("F16", np.zeros((88, 16), np.float32))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    tensors["model.norm.weight"] = Tensor("F16", tensors["model.norm.weight"].values + 1)
+    base = write_base(tmp_path / "odd", tensors)
+    (base / "tokenizer.model").unlink()
+    r = run("decode", delta, "--base", base, "--check-base")
+    assert r.exit_code == 1
+    problems = r.stdout.strip().splitlines()
+    assert len(problems) == 4, problems
+    assert problems[0].startswith("base tensor model.layers.0.mlp.up_proj.weight: expected shape [88, 32]")
+    assert problems[1].startswith(
+        "base tensor model.layers.1.mlp.down_proj.weight: expected F16[32, 88], found no such"
+    )
+    assert problems[2] == f"{base}: missing tokenizer.model, which this delta takes from the base"
+    assert problems[3].startswith("base tensor model.norm.weight: expected xxh3-128")
+    assert_error(r, 1, f"{base}: 4 difference(s)", hint="xorweights inspect DELTA")
+
+
 def test_check_base_failure_has_a_hint(pair: Pair, delta: Path) -> None:
     begin, _ = tensor_span(pair.base / SHARD2, "model.layers.1.mlp.gate_proj.weight")
     flip(pair.base / SHARD2, begin)

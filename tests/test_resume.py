@@ -130,3 +130,14 @@ def test_encode_into_a_finished_delta_is_refused(pair, tmp_path):
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", delta)
     assert r.exit_code == 1
     assert "already holds a finished delta" in r.stderr
+
+
+def test_decode_refuses_a_foreign_side_file_in_out(pair, tmp_path):
+    delta, out = tmp_path / "delta", tmp_path / "out"
+    xorweights.encode(pair.finetuned, pair.base, delta)
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    r = run("decode", delta, "--base", pair.base, "-o", out)
+    assert r.exit_code == 1
+    assert "config.json: already exists and is not the file this delta rebuilds" in r.stderr
+    assert (out / "config.json").read_text() == '{"mine": true}'

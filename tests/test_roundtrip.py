@@ -207,3 +207,17 @@ def test_demo_runs_and_proves_the_round_trip():
     r = run("demo")
     assert r.exit_code == 0, r.stderr
     assert "rebuilt byte for byte" in r.stdout
+
+
+def test_zero_row_tensors_round_trip(tmp_path):
+    base = make_base(SMALL, seed=4)
+    ft = dict(base)
+    emb = base["model.embed_tokens.weight"]
+    ft["model.embed_tokens.weight"] = type(emb)(emb.dtype, emb.values[:0])  # 0 rows against 48
+    base["empty.weight"] = type(emb)(emb.dtype, emb.values[:0])  # 0 rows in the base
+    ft["empty.weight"] = type(emb)(emb.dtype, emb.values[:2])
+    write_checkpoint(tmp_path / "base", base, files=side_files(SMALL))
+    write_checkpoint(tmp_path / "ft", ft, files=side_files(SMALL))
+    xorweights.encode(tmp_path / "ft", tmp_path / "base", tmp_path / "delta")
+    xorweights.decode(tmp_path / "delta", tmp_path / "base", tmp_path / "out")
+    assert files_digest(tmp_path / "out") == files_digest(tmp_path / "ft")

@@ -113,8 +113,24 @@ def _match_base(entry: TensorEntry, base: Checkpoint) -> TensorRef | None:
     return ref
 
 
-def plan_decode(manifest: Manifest, delta: Path, base: Checkpoint) -> list[FileJob]:
-    """Check everything that can be checked without reading tensor data."""
+def plan_decode(
+    manifest: Manifest, delta: Path, base: Checkpoint, problems: list[BaseMismatchError] | None = None
+) -> list[FileJob]:
+    """Check everything that can be checked without reading tensor data.
+
+    A base that does not fit raises at once, unless ``problems`` is given
+    (for --check-base): then every mismatch is collected and planning goes on.
+    """
+
+    def match(entry: TensorEntry) -> TensorRef | None:
+        try:
+            return _match_base(entry, base)
+        except BaseMismatchError as exc:
+            if problems is None:
+                raise
+            problems.append(exc)
+            return None
+
     where = str(delta / MANIFEST_NAME)
     jobs = []
     for wf in manifest.weight_files:
@@ -128,14 +144,17 @@ def plan_decode(manifest: Manifest, delta: Path, base: Checkpoint) -> list[FileJ
                 f"{data_path}: expected {stored} bytes, found {data_path.stat().st_size}",
                 "the delta is truncated or damaged; re-download it",
             )
-        jobs.append(FileJob(wf, data_path, tuple(TensorJob(t, _match_base(t, base)) for t in wf.tensors)))
+        jobs.append(FileJob(wf, data_path, tuple(TensorJob(t, match(t)) for t in wf.tensors)))
     base_files = set(base.other_files())
     for of in manifest.other_files:
         if of.mode == "reference" and of.name not in base_files:
-            raise BaseMismatchError(
+            missing = BaseMismatchError(
                 f"{base.root}: missing {of.name}, which this delta takes from the base",
                 f"copy {of.name} from the base model's original release into {base.root}",
             )
+            if problems is None:
+                raise missing
+            problems.append(missing)
         if of.mode == "ship" and not (delta / SHIPPED_DIR / of.name).is_file():
             raise DeltaCorruptError(f"{delta / SHIPPED_DIR / of.name}: missing; the delta is incomplete")
     return jobs
@@ -337,7 +356,9 @@ def decode(
             if target_dtype is not None and of.name == SAFETENSORS_INDEX:
                 continue  # replaced by the index of the converted shards below
             final = out / of.name
-            if final.is_file() and final.stat().st_size == of.size and sha256_file(final) == of.sha256:
+            if final.exists():
+                if not (final.is_file() and sha256_file(final) == of.sha256):
+                    raise _foreign_file(final)
                 skipped.append(of.name)
             else:
                 src = bs.root / of.name if of.mode == "reference" else delta / SHIPPED_DIR / of.name
@@ -347,6 +368,7 @@ def decode(
     if target_dtype is not None:
         _write_converted_index(out, jobs, checksums)
         write_atomic(out / CHECKSUMS_NAME, checksums.to_json().encode())
+        written += [SAFETENSORS_INDEX, CHECKSUMS_NAME]
     remove_partials(out)
     return DecodeResult(out, written, skipped, target_dtype)
 
@@ -356,7 +378,11 @@ def _adopt_existing(final: Path, wf: WeightFile, state: _State, dtype: str | Non
     if dtype is None and final.stat().st_size == wf.size and sha256_file(final) == wf.sha256:
         sums = {t.name: TensorSum(t.dtype, t.shape, t.xxh3) for t in wf.tensors}
         return state.add(final, FileSum(wf.size, wf.sha256), sums)
-    raise OutputError(
+    raise _foreign_file(final)
+
+
+def _foreign_file(final: Path) -> OutputError:
+    return OutputError(
         f"{final}: already exists and is not the file this delta rebuilds",
         "decode into a new, empty folder, or remove that file",
     )
@@ -381,9 +407,11 @@ def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> l
     """
     delta = Path(delta)
     manifest = load_manifest(delta)
-    problems = []
+    mismatches: list[BaseMismatchError] = []
     with Checkpoint(Path(base)) as bs:
-        jobs = plan_decode(manifest, delta, bs)
+        jobs = plan_decode(manifest, delta, bs, mismatches)
+        problems = [e.message for e in mismatches]
+        base_files = set(bs.other_files())
         needed: dict[str, tuple[BaseTensor, TensorRef]] = {}
         for job in jobs:
             for tj in job.tensors:
@@ -397,6 +425,6 @@ def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> l
                 problems.append(f"base tensor {name}: expected xxh3-128 {want.xxh3}, found {found}")
         bar.close()
         for of in manifest.other_files:
-            if of.mode == "reference" and sha256_file(bs.root / of.name) != of.sha256:
+            if of.mode == "reference" and of.name in base_files and sha256_file(bs.root / of.name) != of.sha256:
                 problems.append(f"base file {of.name}: sha256 differs from the base this delta was made from")
     return problems

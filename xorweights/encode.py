@@ -31,6 +31,7 @@ from .manifest import (
     OtherFile,
     TensorEntry,
     WeightFile,
+    parse_manifest,
     parse_weight_file,
 )
 from .progress import byte_bar
@@ -85,7 +86,7 @@ def plan_tensor(target: TensorRef, base: TensorRef | None) -> TensorPlan:
         return TensorPlan(target, None, "raw", 0, f"base is {base.dtype}, which cannot be cast to {target.dtype}")
     if base.shape == target.shape:
         return TensorPlan(target, base, "xor", target.nbytes)
-    if len(base.shape) == len(target.shape) >= 1 and base.shape[1:] == target.shape[1:]:
+    if len(base.shape) == len(target.shape) >= 1 and base.shape[1:] == target.shape[1:] and target.nbytes:
         rows = min(base.shape[0], target.shape[0])
         xor_bytes = target.nbytes // target.shape[0] * rows if target.shape[0] else 0
         extra = target.shape[0] - rows
@@ -255,7 +256,9 @@ def encode(
         tuple(weight_files),
         tuple(plan.other_files),
     )
-    write_atomic(delta / MANIFEST_NAME, manifest.to_json().encode())
+    text = manifest.to_json()
+    parse_manifest(text, str(delta / MANIFEST_NAME))  # never publish a manifest our own decoder refuses
+    write_atomic(delta / MANIFEST_NAME, text.encode())
     shutil.rmtree(state_dir, ignore_errors=True)
     remove_partials(delta)
     return EncodeResult(manifest, plan, delta_size(delta))

@@ -115,7 +115,7 @@ class Manifest:
         return [t for f in self.weight_files for t in f.tensors]
 
     def to_json(self) -> str:
-        obj = {"format": DELTA_FORMAT, **asdict(self)}
+        obj = {"format": DELTA_FORMAT, "format_version": self.format_version, **asdict(self)}
         return json.dumps(obj, indent=1) + "\n"
 
 
