@@ -35,7 +35,7 @@ def test_decode_interrupted_midway_then_resumed(pair, tmp_path, monkeypatch):
     xorweights.encode(pair.finetuned, pair.base, delta)
     # Stop inside the second shard, after some of its tensors were written.
     first_shard_tensors = len(load_manifest(delta).weight_files[0].tensors)
-    interrupt_on_call(monkeypatch, _Rebuilder, "_tensor", first_shard_tensors + 3)
+    interrupt_on_call(monkeypatch, _Rebuilder, "_check", first_shard_tensors + 3)
     with pytest.raises(KeyboardInterrupt):
         xorweights.decode(delta, pair.base, out)
     assert visible(out) == ["model-00001-of-00002.safetensors"]

@@ -221,3 +221,19 @@ def test_zero_row_tensors_round_trip(tmp_path):
     xorweights.encode(tmp_path / "ft", tmp_path / "base", tmp_path / "delta")
     xorweights.decode(tmp_path / "delta", tmp_path / "base", tmp_path / "out")
     assert files_digest(tmp_path / "out") == files_digest(tmp_path / "ft")
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_jobs_do_not_change_the_bytes(pair, tmp_path, compress):
+    """Many small frames on 1 and 3 threads: the same delta and the same output."""
+    deltas = {}
+    for jobs in (1, 3):
+        delta = tmp_path / f"delta{jobs}"
+        xorweights.encode(pair.finetuned, pair.base, delta, frame_bytes=64, compress=compress, jobs=jobs)
+        deltas[jobs] = tree_digest(delta)
+        for out_jobs in (1, 3):
+            out = tmp_path / f"out{jobs}{out_jobs}"
+            r = run("decode", delta, "--base", pair.base, "-o", out, "--jobs", out_jobs, "-q")
+            assert r.exit_code == 0, r.stderr
+            assert files_digest(out) == files_digest(pair.finetuned)
+    assert deltas[1] == deltas[3]

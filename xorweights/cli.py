@@ -69,6 +69,9 @@ def translate_errors(fn: F) -> F:
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries.")
+jobs_option = click.option(
+    "--jobs", "-j", type=click.IntRange(min=1), default=None, help="Threads to use (default: one per core)."
+)
 
 
 @click.group()
@@ -89,6 +92,7 @@ def main() -> None:
 @click.option("--base-description", default="", help="How downloaders get the base, in words.")
 @click.option("--base-repo", default=None, help="Hub repo id of the base, recorded in the manifest.")
 @click.option("--base-revision", default=None, help="Hub revision of the base, recorded in the manifest.")
+@jobs_option
 @quiet_option
 @translate_errors
 def encode(
@@ -101,6 +105,7 @@ def encode(
     base_description: str,
     base_repo: str | None,
     base_revision: str | None,
+    jobs: int | None,
     quiet: bool,
 ) -> None:
     """Write the XOR delta of FINETUNED against --base into --out (for releasers)."""
@@ -115,6 +120,7 @@ def encode(
         base_repo_id=base_repo,
         base_revision=base_revision,
         progress=not quiet,
+        jobs=jobs,
     )
     if quiet:
         return
@@ -131,9 +137,12 @@ def encode(
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), help="The folder to rebuild the fine-tune in.")
 @click.option("--dtype", type=click.Choice(sorted(NAMED)), default=None, help="Convert float tensors after verifying.")
 @click.option("--check-base", is_flag=True, help="Only check the whole base against the delta; write nothing.")
+@jobs_option
 @quiet_option
 @translate_errors
-def decode(delta: Path, base: Path, out: Path | None, dtype: str | None, check_base: bool, quiet: bool) -> None:
+def decode(
+    delta: Path, base: Path, out: Path | None, dtype: str | None, check_base: bool, jobs: int | None, quiet: bool
+) -> None:
     """Rebuild the fine-tune from DELTA and --base into --out (for downloaders)."""
     if check_base:
         problems = check_base_api(delta, base, progress=not quiet)
@@ -149,7 +158,7 @@ def decode(delta: Path, base: Path, out: Path | None, dtype: str | None, check_b
         return
     if out is None:
         raise click.UsageError("missing option '-o' / '--out' (or pass --check-base)")
-    result = decode_api(delta, base, out, dtype=dtype, progress=not quiet)
+    result = decode_api(delta, base, out, dtype=dtype, progress=not quiet, jobs=jobs)
     if not quiet:
         how = f"converted to {dtype}" if dtype else "byte-identical to the release"
         click.echo(

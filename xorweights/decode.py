@@ -13,12 +13,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
+from tqdm import tqdm
 
 from .atomic import AtomicWriter, copy_atomic, refuse_overlap, remove_partials, write_atomic
-from .base_stream import BaseStream
+from .base_stream import _EMPTY, BaseStream
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
@@ -37,8 +37,9 @@ from .manifest import (
     WeightFile,
     load_manifest,
 )
+from .pipeline import BufferPool, ordered, resolve_jobs
 from .progress import byte_bar
-from .safetensors_io import build_header, parse_header
+from .safetensors_io import TensorInfo, build_header, parse_header
 
 STATE_DIR = ".xorweights"
 STATE_NAME = "decode-state.json"
@@ -132,7 +133,7 @@ def plan_decode(
             return None
 
     where = str(delta / MANIFEST_NAME)
-    jobs = []
+    files = []
     for wf in manifest.weight_files:
         _check_layout(wf, where)
         data_path = delta / wf.data_file
@@ -144,7 +145,7 @@ def plan_decode(
                 f"{data_path}: expected {stored} bytes, found {data_path.stat().st_size}",
                 "the delta is truncated or damaged; re-download it",
             )
-        jobs.append(FileJob(wf, data_path, tuple(TensorJob(t, match(t)) for t in wf.tensors)))
+        files.append(FileJob(wf, data_path, tuple(TensorJob(t, match(t)) for t in wf.tensors)))
     base_files = set(base.other_files())
     for of in manifest.other_files:
         if of.mode == "reference" and of.name not in base_files:
@@ -157,73 +158,125 @@ def plan_decode(
             problems.append(missing)
         if of.mode == "ship" and not (delta / SHIPPED_DIR / of.name).is_file():
             raise DeltaCorruptError(f"{delta / SHIPPED_DIR / of.name}: missing; the delta is incomplete")
-    return jobs
+    return files
 
 
 # ---------------------------------------------------------------- execute
 
 
-class _Rebuilder:
-    """Rebuilds files frame by frame, reusing one buffer for every frame."""
+@dataclass(frozen=True)
+class _Frame:
+    tensor: int  # index into FileJob.tensors
+    index: int  # frame number within the tensor, for messages
+    lo: int  # byte range of the target tensor
+    hi: int
+    src: int  # offset of the stored frame in the data file
+    stored: int
+    dst: int  # offset of the frame's output bytes in the output file
 
-    def __init__(self, codec: FrameCodec, jobs: list[FileJob], dtype: str | None, progress: bool) -> None:
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class _Rebuilder:
+    """Rebuilds files frame by frame on ``jobs`` threads; checks run in order in the caller.
+
+    Workers read, decompress, XOR and ``pwrite`` each frame at its final
+    offset; the consumer hashes base and target bytes in order. Without
+    ``dtype`` the file is byte-identical by construction (verbatim header,
+    every tensor's bytes verified at its offset), so it is not re-hashed with
+    sha256 here; ``verify`` does that.
+    """
+
+    def __init__(self, codec: FrameCodec, files: list[FileJob], dtype: str | None, jobs: int, bar: tqdm) -> None:
         self.codec = codec
-        largest = max((raw for j in jobs for t in j.file.tensors for _, raw in t.frames), default=0)
-        self.buffer = np.empty(largest, dtype=np.uint8)
+        self.pool = BufferPool(max((raw for j in files for t in j.file.tensors for _, raw in t.frames), default=0))
         self.dtype = dtype
-        self.bar = byte_bar(sum(t.entry.nbytes for j in jobs for t in j.tensors), "decode", progress)
+        self.jobs = jobs
+        self.bar = bar
 
     def out_dtype(self, dtype: str) -> str:
         return self.dtype if self.dtype and dtype in FLOAT_CASTABLE else dtype
 
+    def _layout(self, wf: WeightFile) -> tuple[bytes, list[TensorInfo]]:
+        infos, metadata = parse_header(wf.header_bytes, wf.size - 8 - len(wf.header_bytes), wf.name)
+        if self.dtype is None:
+            return len(wf.header_bytes).to_bytes(8, "little") + wf.header_bytes, infos
+        converted = [(i.name, self.out_dtype(i.dtype), i.shape) for i in infos]
+        return build_header(converted, {**metadata, "format": "pt"})
+
     def rebuild(self, job: FileJob, final: Path) -> tuple[FileSum, dict[str, TensorSum]]:
         """Write ``final`` and return its checksum and those of its tensors as written."""
-        wf = job.file
-        if self.dtype is None:
-            prefix = len(wf.header_bytes).to_bytes(8, "little") + wf.header_bytes
-        else:
-            infos, metadata = parse_header(wf.header_bytes, wf.size - 8 - len(wf.header_bytes), wf.name)
-            metadata = {**metadata, "format": "pt"}
-            prefix, _ = build_header([(i.name, self.out_dtype(i.dtype), i.shape) for i in infos], metadata)
+        prefix, layout = self._layout(job.file)
+        entries = [tj.entry for tj in job.tensors]
+        frames = []
+        src = 0
+        for i, entry in enumerate(entries):
+            ratio = (ITEMSIZE[entry.dtype], ITEMSIZE[layout[i].dtype])
+            lo = 0
+            for k, (stored, raw) in enumerate(entry.frames):
+                dst = len(prefix) + layout[i].begin + lo // ratio[0] * ratio[1]
+                frames.append(_Frame(i, k, lo, lo + raw, src, stored, dst))
+                src, lo = src + stored, lo + raw
+        streams = [BaseStream(tj.base, tj.entry.dtype, tj.entry.xor_bytes) if tj.base else None for tj in job.tensors]
+        converting = self.dtype is not None
+        target_hashes = [new_tensor_hash() for _ in entries]
+        written_hashes = [new_tensor_hash() for _ in entries] if converting else target_hashes
         file_hash = hashlib.sha256(prefix)
-        sums: dict[str, TensorSum] = {}
+        where = str(job.data_path)
         writer = AtomicWriter(final)
         with writer as out, job.data_path.open("rb") as data:
-            out.write(prefix)
-            for tj in job.tensors:
-                sums[tj.entry.name] = self._tensor(tj, data, out, file_hash, str(job.data_path))
-            if self.dtype is None and file_hash.hexdigest() != wf.sha256:
-                raise DeltaCorruptError(f"{final.name}: rebuilt file's sha256 differs from the manifest's")
-            writer.commit()
-        return FileSum(final.stat().st_size, file_hash.hexdigest()), sums
+            out_fd, data_fd = out.fileno(), data.fileno()
 
-    def _tensor(self, tj: TensorJob, data: BinaryIO, out: BinaryIO, file_hash: hashlib._Hash, where: str) -> TensorSum:
+            def work(fr: _Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                entry, stream = entries[fr.tensor], streams[fr.tensor]
+                frame = os.pread(data_fd, fr.stored, fr.src)
+                buffer = self.pool.get()
+                chunk = buffer[: fr.hi - fr.lo]
+                self.codec.decode(frame, ITEMSIZE[entry.dtype], chunk, f"{where}: tensor {entry.name} frame {fr.index}")
+                base = stream.view(fr.lo, fr.hi) if stream else _EMPTY
+                if stream is not None:
+                    cast = stream.cast(base)
+                    np.bitwise_xor(chunk[: len(cast)], cast, out=chunk[: len(cast)])
+                written = cast_bytes(chunk, entry.dtype, layout[fr.tensor].dtype)
+                _pwrite_all(out_fd, written, fr.dst)
+                return buffer, chunk, base, written
+
+            _pwrite_all(out_fd, np.frombuffer(prefix, np.uint8), 0)
+            checked = 0
+            for fr, (buffer, chunk, base, written) in ordered(work, frames, self.jobs):
+                for i in range(checked, fr.tensor):
+                    self._check(job.tensors[i], streams[i], target_hashes[i].hexdigest())
+                checked = fr.tensor
+                stream = streams[fr.tensor]
+                if stream is not None:
+                    stream.consume(base)
+                target_hashes[fr.tensor].update(chunk)
+                if converting:
+                    written_hashes[fr.tensor].update(written)
+                    file_hash.update(written)
+                self.pool.put(buffer)
+                self.bar.update(fr.hi - fr.lo)
+            for i in range(checked, len(entries)):
+                self._check(job.tensors[i], streams[i], target_hashes[i].hexdigest())
+            size = len(prefix) + (layout[-1].end if layout else 0)
+            if os.fstat(out_fd).st_size != size:
+                raise DeltaCorruptError(f"{final.name}: rebuilt {os.fstat(out_fd).st_size} bytes, expected {size}")
+            writer.commit()
+        sums = {
+            e.name: TensorSum(layout[i].dtype, e.shape, written_hashes[i].hexdigest()) for i, e in enumerate(entries)
+        }
+        return FileSum(size, file_hash.hexdigest() if converting else job.file.sha256), sums
+
+    def _check(self, tj: TensorJob, stream: BaseStream | None, target_xxh3: str) -> None:
+        """Refuse the file unless the tensor's base and target hashes both match."""
         entry = tj.entry
-        width = ITEMSIZE[entry.dtype]
-        new_dtype = self.out_dtype(entry.dtype)
-        base = BaseStream(tj.base, entry.dtype, entry.xor_bytes) if tj.base is not None else None
-        target_hash = new_tensor_hash()
-        written_hash = new_tensor_hash() if new_dtype != entry.dtype else target_hash
-        lo = 0
-        for i, (stored, raw) in enumerate(entry.frames):
-            hi = lo + raw
-            frame = data.read(stored)
-            chunk = self.buffer[:raw]
-            self.codec.decode(frame, width, chunk, f"{where}: tensor {entry.name} frame {i}")
-            if base is not None:
-                other = base.chunk(lo, hi)
-                np.bitwise_xor(chunk[: len(other)], other, out=chunk[: len(other)])
-                base.done_with(lo, hi)
-            target_hash.update(chunk)
-            written = cast_bytes(chunk, entry.dtype, new_dtype)
-            if written_hash is not target_hash:
-                written_hash.update(written)
-            file_hash.update(written)
-            out.write(written)
-            self.bar.update(raw)
-            lo = hi
-        if base is not None and entry.base is not None:
-            found = base.finish()
+        if stream is not None and entry.base is not None:
+            found = stream.finish()
             if found != entry.base.xxh3:
                 raise BaseMismatchError(
                     f"base tensor {entry.base.name}: expected xxh3-128 {entry.base.xxh3}, found {found}; "
@@ -231,12 +284,11 @@ class _Rebuilder:
                     "get the exact base named by `xorweights inspect DELTA`, "
                     "or run `xorweights decode --check-base` to list every differing tensor",
                 )
-        if target_hash.hexdigest() != entry.xxh3:
+        if target_xxh3 != entry.xxh3:
             raise DeltaCorruptError(
-                f"tensor {entry.name}: rebuilt xxh3-128 {target_hash.hexdigest()} differs from the manifest's {entry.xxh3}, "
+                f"tensor {entry.name}: rebuilt xxh3-128 {target_xxh3} differs from the manifest's {entry.xxh3}, "
                 "although its base matched",
             )
-        return TensorSum(new_dtype, entry.shape, written_hash.hexdigest())
 
 
 def _restore(src: Path, dst: Path, of: OtherFile, *, from_base: bool) -> None:
@@ -313,13 +365,15 @@ def decode(
     *,
     dtype: str | None = None,
     progress: bool = False,
+    jobs: int | None = None,
 ) -> DecodeResult:
     """Rebuild the fine-tune from ``delta`` and ``base`` into ``out``.
 
     Without ``dtype`` the files are byte-identical to the releaser's. With
     ``dtype`` ("float16", "bfloat16" or "float32") float tensors are converted
     after verification, an index is written and the new checksums are recorded
-    in ``out/xorweights-checksums.json`` for `verify`.
+    in ``out/xorweights-checksums.json`` for `verify`. ``jobs`` threads
+    rebuild frames (default: one per core); the bytes do not depend on it.
     """
     delta, out = Path(delta), Path(out)
     target_dtype = None
@@ -329,14 +383,15 @@ def decode(
         target_dtype = NAMED[dtype]
     manifest = load_manifest(delta)
     with Checkpoint(Path(base)) as bs:
-        jobs = plan_decode(manifest, delta, bs)
+        files = plan_decode(manifest, delta, bs)
         _prepare_out(out, delta, Path(base))
         delta_id = hashlib.sha256((delta / MANIFEST_NAME).read_bytes()).hexdigest()
         state = _State(out, delta_id, target_dtype)
-        rebuilder = _Rebuilder(FrameCodec(manifest.compression), jobs, target_dtype, progress)
+        bar = byte_bar(sum(t.entry.nbytes for j in files for t in j.tensors), "decode", progress)
+        rebuilder = _Rebuilder(FrameCodec(manifest.compression), files, target_dtype, resolve_jobs(jobs), bar)
         written, skipped = [], []
         checksums = Checksums()
-        for job in jobs:
+        for job in files:
             final = out / job.file.name
             entry = state.finished(final)
             if entry is None and final.exists():
@@ -346,12 +401,12 @@ def decode(
                 entry = state.add(final, file_sum, sums)
                 written.append(final.name)
             else:
-                rebuilder.bar.update(sum(t.nbytes for t in job.file.tensors))
+                bar.update(sum(t.nbytes for t in job.file.tensors))
                 skipped.append(final.name)
             checksums.files[final.name] = FileSum(entry["stat"][0], entry["sha256"])
             for name, (dt, shape, xxh3) in entry["tensors"].items():
                 checksums.tensors[name] = TensorSum(dt, tuple(shape), xxh3)
-        rebuilder.bar.close()
+        bar.close()
         for of in manifest.other_files:
             if target_dtype is not None and of.name == SAFETENSORS_INDEX:
                 continue  # replaced by the index of the converted shards below
@@ -366,7 +421,7 @@ def decode(
                 written.append(of.name)
             checksums.files[of.name] = FileSum(of.size, of.sha256)
     if target_dtype is not None:
-        _write_converted_index(out, jobs, checksums)
+        _write_converted_index(out, files, checksums)
         write_atomic(out / CHECKSUMS_NAME, checksums.to_json().encode())
         written += [SAFETENSORS_INDEX, CHECKSUMS_NAME]
     remove_partials(out)
@@ -388,8 +443,8 @@ def _foreign_file(final: Path) -> OutputError:
     )
 
 
-def _write_converted_index(out: Path, jobs: list[FileJob], checksums: Checksums) -> None:
-    weight_map = {t.entry.name: job.file.name for job in jobs for t in job.tensors}
+def _write_converted_index(out: Path, files: list[FileJob], checksums: Checksums) -> None:
+    weight_map = {t.entry.name: job.file.name for job in files for t in job.tensors}
     total = sum(
         ITEMSIZE[checksums.tensors[name].dtype] * int(np.prod(checksums.tensors[name].shape, dtype=np.int64))
         for name in weight_map
@@ -409,11 +464,11 @@ def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> l
     manifest = load_manifest(delta)
     mismatches: list[BaseMismatchError] = []
     with Checkpoint(Path(base)) as bs:
-        jobs = plan_decode(manifest, delta, bs, mismatches)
+        files = plan_decode(manifest, delta, bs, mismatches)
         problems = [e.message for e in mismatches]
         base_files = set(bs.other_files())
         needed: dict[str, tuple[BaseTensor, TensorRef]] = {}
-        for job in jobs:
+        for job in files:
             for tj in job.tensors:
                 if tj.base is not None and tj.entry.base is not None:
                     needed[tj.entry.base.name] = (tj.entry.base, tj.base)

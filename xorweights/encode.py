@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .atomic import AtomicWriter, copy_atomic, refuse_overlap, remove_partials, write_atomic
-from .base_stream import BaseStream
+from .base_stream import _EMPTY, BaseStream
 from .checkpoint import Checkpoint, TensorRef, is_foreign_weight
 from .dtypes import can_cast
 from .errors import InputFileError, OutputError, UsageError, XorWeightsError
@@ -34,6 +35,7 @@ from .manifest import (
     parse_manifest,
     parse_weight_file,
 )
+from .pipeline import BufferPool, ordered, resolve_jobs
 from .progress import byte_bar
 from .report import delta_size
 from .safetensors_io import SafetensorsFile
@@ -132,68 +134,80 @@ def _fingerprint(plan: FilePlan, compression: str, frame_bytes: int) -> dict[str
     }
 
 
+@dataclass(frozen=True)
+class _Frame:
+    tensor: int  # index into FilePlan.tensors
+    lo: int  # byte range of the target tensor
+    hi: int
+
+
 class _Encoder:
-    def __init__(self, delta: Path, codec: FrameCodec, frame_bytes: int, show_progress: bool, total: int) -> None:
+    """Writes one data file per weight file; frames are made on ``jobs`` threads."""
+
+    def __init__(self, delta: Path, codec: FrameCodec, frame_bytes: int, jobs: int, bar: tqdm) -> None:
         self.delta = delta
         self.codec = codec
         self.frame_bytes = frame_bytes
-        self.buffer = np.empty(frame_bytes, dtype=np.uint8)
-        self.bar = byte_bar(total, "encode", show_progress)
+        self.jobs = jobs
+        self.pool = BufferPool(frame_bytes)
+        self.bar = bar
 
     def encode_file(self, plan: FilePlan) -> WeightFile:
         src = plan.source
-        file_hash = hashlib.sha256()
+        tensors = plan.tensors
+        streams = [BaseStream(t.base, t.target.dtype, t.xor_bytes) if t.base else None for t in tensors]
+        frames = [
+            _Frame(i, lo, hi)
+            for i, t in enumerate(tensors)
+            for lo, hi in frame_spans(t.target.nbytes, self.frame_bytes, t.target.itemsize)
+        ]
+
+        def work(fr: _Frame) -> tuple[np.ndarray, np.ndarray, bytes, tuple[np.ndarray, np.ndarray]]:
+            target = tensors[fr.tensor].target
+            stream = streams[fr.tensor]
+            raw = target.source.read(fr.lo, fr.hi)
+            base = stream.view(fr.lo, fr.hi) if stream else _EMPTY
+            cast = stream.cast(base) if stream else _EMPTY
+            buffers = (self.pool.get(), self.pool.get())
+            chunk = buffers[0][: len(raw)]
+            k = len(cast)
+            np.bitwise_xor(raw[:k], cast, out=chunk[:k])
+            chunk[k:] = raw[k:]
+            return raw, base, self.codec.encode(chunk, target.itemsize, buffers[1]), buffers
+
         with src.path.open("rb") as f:
-            file_hash.update(f.read(src.data_start))
-        entries = []
+            file_hash = hashlib.sha256(f.read(src.data_start))
+        target_hashes = [new_tensor_hash() for _ in tensors]
+        sizes: list[list[tuple[int, int]]] = [[] for _ in tensors]
         writer = AtomicWriter(self.delta / plan.data_file)
         with writer as out:
-            for tp in plan.tensors:
-                entries.append(self._encode_tensor(tp, out, file_hash))
+            for fr, (raw, base, frame, buffers) in ordered(work, frames, self.jobs):
+                file_hash.update(raw)
+                target_hashes[fr.tensor].update(raw)
+                stream = streams[fr.tensor]
+                if stream is not None:
+                    stream.consume(base)
+                tensors[fr.tensor].target.source.release(fr.lo, fr.hi)
+                out.write(frame)
+                sizes[fr.tensor].append((len(frame), fr.hi - fr.lo))
+                for b in buffers:
+                    self.pool.put(b)
+                self.bar.update(fr.hi - fr.lo)
+            entries = tuple(
+                _entry(t, target_hashes[i].hexdigest(), streams[i], sizes[i]) for i, t in enumerate(tensors)
+            )
             writer.commit()
         return WeightFile(
-            src.path.name,
-            src.size,
-            file_hash.hexdigest(),
-            src.header_bytes.decode("utf-8"),
-            plan.data_file,
-            tuple(entries),
+            src.path.name, src.size, file_hash.hexdigest(), src.header_bytes.decode(), plan.data_file, entries
         )
 
-    def _encode_tensor(self, tp: TensorPlan, out: object, file_hash: hashlib._Hash) -> TensorEntry:
-        target = tp.target
-        width = target.itemsize
-        base = BaseStream(tp.base, target.dtype, tp.xor_bytes) if tp.base is not None else None
-        target_hash = new_tensor_hash()
-        frames = []
-        for lo, hi in frame_spans(target.nbytes, self.frame_bytes, width):
-            chunk = self.buffer[: hi - lo]
-            raw = target.source.read(lo, hi)
-            file_hash.update(raw)
-            target_hash.update(raw)
-            chunk[:] = raw
-            target.source.release(lo, hi)
-            if base is not None:
-                other = base.chunk(lo, hi)
-                np.bitwise_xor(chunk[: len(other)], other, out=chunk[: len(other)])
-                base.done_with(lo, hi)
-            frame = self.codec.encode(chunk, width)
-            out.write(frame)  # type: ignore[attr-defined]
-            frames.append((len(frame), hi - lo))
-            self.bar.update(hi - lo)
-        base_entry = None
-        if tp.base is not None and base is not None:
-            base_entry = BaseTensor(tp.base.name, tp.base.dtype, tp.base.shape, base.finish())
-        return TensorEntry(
-            target.name,
-            target.dtype,
-            target.shape,
-            target_hash.hexdigest(),
-            tp.method,
-            base_entry,
-            tp.xor_bytes,
-            tuple(frames),
-        )
+
+def _entry(tp: TensorPlan, xxh3: str, stream: BaseStream | None, frames: list[tuple[int, int]]) -> TensorEntry:
+    base = None
+    if tp.base is not None and stream is not None:
+        base = BaseTensor(tp.base.name, tp.base.dtype, tp.base.shape, stream.finish())
+    t = tp.target
+    return TensorEntry(t.name, t.dtype, t.shape, xxh3, tp.method, base, tp.xor_bytes, tuple(frames))
 
 
 def encode(
@@ -208,10 +222,12 @@ def encode(
     base_repo_id: str | None = None,
     base_revision: str | None = None,
     progress: bool = False,
+    jobs: int | None = None,
 ) -> EncodeResult:
     """Write a delta folder ``out`` such that ``decode(out, base)`` rebuilds ``finetuned``.
 
     A second run with the same inputs reuses the data files already finished.
+    ``jobs`` threads make frames (default: one per core); the bytes do not depend on it.
     """
     delta = Path(out)
     if not 1 <= frame_bytes <= MAX_FRAME_BYTES or frame_bytes % 8:
@@ -227,8 +243,8 @@ def encode(
         plan = plan_encode(ft, bs, list(exclude))
         state_dir = delta / STATE_DIR
         state_dir.mkdir(parents=True, exist_ok=True)
-        total = sum(t.target.nbytes for t in plan.tensors())
-        encoder = _Encoder(delta, codec, frame_bytes, progress, total)
+        bar = byte_bar(sum(t.target.nbytes for t in plan.tensors()), "encode", progress)
+        encoder = _Encoder(delta, codec, frame_bytes, resolve_jobs(jobs), bar)
         weight_files = []
         for fp in plan.weight_files:
             state_path = state_dir / f"{fp.data_file}.json"
@@ -239,9 +255,9 @@ def encode(
                 record = {"fingerprint": fingerprint, "file": asdict(done)}
                 write_atomic(state_path, json.dumps(record).encode())
             else:
-                encoder.bar.update(sum(t.nbytes for t in done.tensors))
+                bar.update(sum(t.nbytes for t in done.tensors))
             weight_files.append(done)
-        encoder.bar.close()
+        bar.close()
         for of in plan.other_files:
             if of.mode == "ship":
                 _ship(ft.root / of.name, delta / SHIPPED_DIR / of.name, of)
