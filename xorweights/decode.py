@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import AtomicWriter, copy_atomic, refuse_overlap, remove_partials, write_atomic
+from .atomic import AtomicWriter, copy_atomic, refuse_overlap, remove_partials, start_writeback, write_atomic
 from .base_stream import _EMPTY, BaseStream
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
@@ -256,6 +256,7 @@ class _Rebuilder:
                 if stream is not None:
                     stream.consume(base)
                 target_hashes[fr.tensor].update(chunk)
+                start_writeback(out_fd, fr.dst, len(written))
                 if converting:
                     written_hashes[fr.tensor].update(written)
                     file_hash.update(written)
