@@ -162,7 +162,7 @@ class _Encoder:
             for lo, hi in frame_spans(t.target.nbytes, self.frame_bytes, t.target.itemsize)
         ]
 
-        def work(fr: _Frame) -> tuple[np.ndarray, np.ndarray, bytes, tuple[np.ndarray, np.ndarray]]:
+        def work(fr: _Frame) -> tuple[np.ndarray, np.ndarray, bytes | memoryview, tuple[np.ndarray, np.ndarray]]:
             target = tensors[fr.tensor].target
             stream = streams[fr.tensor]
             raw = target.source.read(fr.lo, fr.hi)

@@ -99,10 +99,13 @@ class FrameCodec:
             self._local.decompressor = zstandard.ZstdDecompressor()
         return self._local.decompressor
 
-    def encode(self, xor: np.ndarray, width: int, scratch: np.ndarray | None = None) -> bytes:
-        """One frame from XOR bytes; ``scratch`` (at least as long) avoids an allocation."""
+    def encode(self, xor: np.ndarray, width: int, scratch: np.ndarray | None = None) -> bytes | memoryview:
+        """One frame from XOR bytes; ``scratch`` (at least as long) avoids an allocation.
+
+        Uncompressed frames are a view of ``xor`` itself: write them before reusing it.
+        """
         if self.compression == "none":
-            return xor.tobytes()
+            return memoryview(xor)
         return self._compressor().compress(group_bytes(xor, width, scratch))
 
     def decode(self, frame: bytes, width: int, out: np.ndarray, where: str) -> None:
