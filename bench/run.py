@@ -286,7 +286,7 @@ def plot(result: dict[str, object], path: Path) -> bool:
         ("decode", "o-"),
         ("decode, tmpfs, --jobs 2", "s-"),
         ("floor, disk", "^--"),
-        ("4 KiB whole-file decode", "x:"),
+        ("4 KiB whole-file decode", "x:k"),
     ):
         ax.plot(x, [b["runs"][name]["seconds"] for b in by_size], style, label=f"{name} (s)")
     ax.set_xlabel("model size, GB of tensors")
@@ -344,7 +344,9 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         import real
 
-        result["statistics"] = {"real": real.real_finetune_stats(), "synthetic": real.synthetic_stats()}
+        # lr 5e-7 gives the tiny model a median change (~0.25%) close to the synthetic layers' (~0.3%):
+        # compressibility is then compared at equal change, which is what the generator models.
+        result["statistics"] = {"real": real.real_finetune_stats(lr=5e-7), "synthetic": real.synthetic_stats()}
     checks = targets(result)
     result["targets"] = [dict(zip(("what", "wanted", "measured", "met"), c, strict=True)) for c in checks]
     print("\ntarget                                        wanted       measured  met")
