@@ -51,7 +51,7 @@ def test_synthetic_fine_tune_is_small_and_adds_rows(tmp_path, monkeypatch):
     rel = np.median(np.abs(f - b) / np.abs(b))
     assert 1e-4 < rel < 2e-2
     delta = tmp_path / "delta"
-    result = xorweights.encode(ft, base, delta)
+    result = xorweights.encode(ft, base, delta, allow_unprotected=True)  # 16 added rows are 2% of this tiny model
     assert result.manifest.tensors()[0].unprotected_bytes == synth.ADDED * 64 * 2
     xorweights.decode(delta, base, tmp_path / "out")
     assert files_digest(tmp_path / "out") == files_digest(ft)

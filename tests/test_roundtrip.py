@@ -16,7 +16,7 @@ import xorweights
 from xorweights.fixtures import LlamaSpec, make_base, side_files, write_checkpoint
 from xorweights.manifest import MANIFEST_NAME, load_manifest
 
-SMALL = LlamaSpec(vocab=48, hidden=16, intermediate=40, layers=1, heads=2)
+SMALL = LlamaSpec(vocab=1024, hidden=16, intermediate=40, layers=1, heads=2)  # added rows stay under 1%
 
 
 def round_trip(pair, tmp_path: Path, **encode_kwargs) -> tuple[Path, Path]:
@@ -84,7 +84,7 @@ def test_dim0_shrunk_and_incompatible_shapes(tmp_path):
     write_checkpoint(tmp_path / "base", base, files=side_files(SMALL))
     write_checkpoint(tmp_path / "ft", ft, files=side_files(SMALL))
     delta = tmp_path / "delta"
-    xorweights.encode(tmp_path / "ft", tmp_path / "base", delta)
+    xorweights.encode(tmp_path / "ft", tmp_path / "base", delta, allow_unprotected=True)  # q_proj can't be XORed
     entries = {t.name: t for t in load_manifest(delta).tensors()}
     assert entries["model.embed_tokens.weight"].method == "partial_xor"
     assert entries["model.embed_tokens.weight"].unprotected_bytes == 0
@@ -189,7 +189,8 @@ def test_inspect_reports_base_and_unprotected_bytes(pair, tmp_path):
     assert "repo org/base at revision abc123" in r.stdout
     assert "4 rows of model.embed_tokens.weight are stored unprotected" in r.stdout
     s = json.loads(run("inspect", delta, "--json").stdout)
-    assert s["format_version"] == 1
+    assert s["format_version"] == 2
+    assert s["unprotected_allowed"] is False and s["max_unprotected_pct"] == 1.0
     assert s["unprotected_bytes"] == 4 * 32 * 2 * 2 + 32 * 4  # two 4-row F16 blocks + an F32 value head
 
 

@@ -19,8 +19,10 @@ from .checksums import verify as verify_api
 from .decode import check_base as check_base_api
 from .decode import decode as decode_api
 from .dtypes import NAMED
+from .encode import EncodeResult
 from .encode import encode as encode_api
 from .errors import XorWeightsError
+from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, enforce, report_lines
 from .kernel import DEFAULT_FRAME_BYTES
 from .report import DeltaSummary, summarize
 from .report import inspect as inspect_api
@@ -92,6 +94,25 @@ def main() -> None:
 @click.option("--base-description", default="", help="How downloaders get the base, in words.")
 @click.option("--base-repo", default=None, help="Hub repo id of the base, recorded in the manifest.")
 @click.option("--base-revision", default=None, help="Hub revision of the base, recorded in the manifest.")
+@click.option(
+    "--rename",
+    "renames",
+    multiple=True,
+    metavar="FROM=TO",
+    help="Regex mapping base tensor names onto the fine-tune's.",
+)
+@click.option(
+    "--max-unprotected",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_MAX_UNPROTECTED_PCT,
+    show_default=True,
+    metavar="PCT",
+    help="Refuse when more than PCT% of tensor bytes would be stored in the clear.",
+)
+@click.option(
+    "--allow-unprotected", is_flag=True, help="Publish unprotected tensor bytes anyway; recorded in the delta."
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan and the unprotected report; write nothing.")
 @jobs_option
 @quiet_option
 @translate_errors
@@ -105,10 +126,20 @@ def encode(
     base_description: str,
     base_repo: str | None,
     base_revision: str | None,
+    renames: tuple[str, ...],
+    max_unprotected: float,
+    allow_unprotected: bool,
+    dry_run: bool,
     jobs: int | None,
     quiet: bool,
 ) -> None:
-    """Write the XOR delta of FINETUNED against --base into --out (for releasers)."""
+    """Write the XOR delta of FINETUNED against --base into --out (for releasers).
+
+    Before writing anything, encode refuses a delta that would publish more
+    than --max-unprotected percent of the tensor bytes in the clear (for
+    example against the wrong base), unless --allow-unprotected is given.
+    Run it with --dry-run before every release.
+    """
     result = encode_api(
         finetuned,
         base,
@@ -119,14 +150,44 @@ def encode(
         base_description=base_description,
         base_repo_id=base_repo,
         base_revision=base_revision,
-        progress=not quiet,
+        progress=not quiet and not dry_run,
         jobs=jobs,
+        renames=renames,
+        max_unprotected=max_unprotected,
+        allow_unprotected=allow_unprotected,
+        dry_run=dry_run,
     )
+    if dry_run:
+        _echo_plan(result)
+        enforce(result.exposure, max_unprotected, allow_unprotected)
+        click.echo(f"dry run: encode would write {out}; nothing was written")
+        return
     if quiet:
         return
+    assert result.manifest is not None
     s = summarize(result.manifest, result.delta_bytes)
     click.echo(f"wrote {out}: {s.tensors_xored} of {s.tensors} tensors XORed against the base")
     _echo_summary(s)
+    for line in result.plan.not_shipped:
+        click.echo(f"  not shipped: {line}")
+    for name, twin in result.exposure.aliases.items():
+        click.echo(f"  warning: {name} is byte-identical to the base's {twin}")
+
+
+def _echo_plan(result: EncodeResult) -> None:
+    tensors = result.plan.tensors()
+    xored = [t for t in tensors if t.base is not None]
+    renamed = [t for t in xored if t.base is not None and t.base.name != t.target.name]
+    click.echo(
+        f"plan: {len(xored)} of {len(tensors)} tensors XORed against the base, in {len(result.plan.weight_files)} files"
+    )
+    for t in renamed:
+        click.echo(f"  {t.target.name} <- base {t.base.name if t.base else ''}")
+    for line in report_lines(result.exposure):
+        click.echo(line)
+    for of in result.plan.other_files:
+        if of.mode == "reference":
+            click.echo(f"  taken from the base: {of.name}")
     for line in result.plan.not_shipped:
         click.echo(f"  not shipped: {line}")
 
@@ -217,6 +278,7 @@ def inspect(delta: Path, as_json: bool) -> None:
     if s.base.repo_id:
         click.echo(f"  repo {s.base.repo_id} at revision {s.base.revision or '(unpinned)'}")
     click.echo(f"tensors: {s.tensors}, XORed against the base: {s.tensors_xored}")
+    click.echo(f"exposure: {s.exposure_line()}")
     _echo_summary(s)
     click.echo(f"  files rebuilt: {', '.join(s.files_rebuilt)}")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from .checksums import verify
 from .decode import decode
 from .encode import encode
-from .errors import VerifyFailed
-from .fixtures import LlamaSpec, make_pair
+from .errors import UnprotectedError, VerifyFailed
+from .fixtures import LlamaSpec, make_base, make_pair, side_files, write_checkpoint
 from .kernel import sha256_file
 from .report import summarize
 
@@ -48,5 +48,21 @@ def _run(root: Path, say: Callable[[str], None]) -> None:
     if len(same) != total or not report.ok:
         raise VerifyFailed(f"demo: only {len(same)} of {total} files rebuilt byte for byte: {report.problems}")
     say(f"4. verify: {report.checked_tensors} tensors and {report.checked_files} files match the delta's checksums")
+    _show_refusal(root, pair.finetuned, say)
     say(f"proved: all {total} files of the fine-tune were rebuilt byte for byte (same sha256) from base + delta,")
     say(f"        and the only tensor bytes the delta holds in the clear are the {s.unprotected_bytes} listed above.")
+
+
+def _show_refusal(root: Path, finetuned: Path, say: Callable[[str], None]) -> None:
+    """Release safety: a base whose names lack "model." would publish the weights in the clear."""
+    stripped = root / "base-without-prefix"
+    base = make_base(LlamaSpec())
+    write_checkpoint(stripped, {n.removeprefix("model."): t for n, t in base.items()}, files=side_files(LlamaSpec()))
+    try:
+        encode(finetuned, stripped, root / "refused-delta")
+    except UnprotectedError as exc:
+        say("5. release safety: encoding against a base whose tensor names lack 'model.' is refused, nothing written:")
+        say(f"     {exc.message}")
+        say(f"     fix: {exc.hint}")
+        return
+    raise VerifyFailed("demo: encode should have refused a base with mismatched names")

@@ -6,11 +6,10 @@ so it can be printed, tested and split. Execution streams one frame at a time.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,17 @@ from tqdm import tqdm
 
 from .atomic import AtomicWriter, copy_atomic, refuse_overlap, remove_partials, write_atomic
 from .base_stream import _EMPTY, BaseStream
-from .checkpoint import Checkpoint, TensorRef, is_foreign_weight
-from .dtypes import can_cast
+from .checkpoint import Checkpoint
+from .encode_plan import EncodePlan, FilePlan, TensorPlan, plan_encode
 from .errors import InputFileError, OutputError, UsageError, XorWeightsError
-from .kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash, sha256_file
+from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, Exposure, assess, enforce
+from .kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash
 from .manifest import (
-    DATA_SUFFIX,
     MANIFEST_NAME,
     SHIPPED_DIR,
     BaseRef,
     BaseTensor,
+    ExposureRecord,
     Manifest,
     OtherFile,
     TensorEntry,
@@ -38,86 +38,16 @@ from .manifest import (
 from .pipeline import BufferPool, ordered, resolve_jobs
 from .progress import byte_bar
 from .report import delta_size
-from .safetensors_io import SafetensorsFile
 
 STATE_DIR = ".xorweights"
 
 
 @dataclass(frozen=True)
-class TensorPlan:
-    target: TensorRef
-    base: TensorRef | None
-    method: str  # "xor", "partial_xor" or "raw"
-    xor_bytes: int
-    note: str = ""  # why some bytes are unprotected, for the summary
-
-    @property
-    def unprotected_bytes(self) -> int:
-        return self.target.nbytes - self.xor_bytes
-
-
-@dataclass(frozen=True)
-class FilePlan:
-    source: SafetensorsFile
-    data_file: str
-    tensors: tuple[TensorPlan, ...]
-
-
-@dataclass
-class EncodePlan:
-    weight_files: list[FilePlan]
-    other_files: list[OtherFile]
-    not_shipped: list[str] = field(default_factory=list)  # weight files in other formats, excluded files
-
-    def tensors(self) -> list[TensorPlan]:
-        return [t for f in self.weight_files for t in f.tensors]
-
-
-@dataclass(frozen=True)
 class EncodeResult:
-    manifest: Manifest
+    manifest: Manifest | None  # None after a dry run
     plan: EncodePlan
+    exposure: Exposure
     delta_bytes: int
-
-
-def plan_tensor(target: TensorRef, base: TensorRef | None) -> TensorPlan:
-    """Decide how one fine-tune tensor is stored against its base counterpart."""
-    if base is None:
-        return TensorPlan(target, None, "raw", 0, "no tensor of that name in the base")
-    if not can_cast(base.dtype, target.dtype):
-        return TensorPlan(target, None, "raw", 0, f"base is {base.dtype}, which cannot be cast to {target.dtype}")
-    if base.shape == target.shape:
-        return TensorPlan(target, base, "xor", target.nbytes)
-    if len(base.shape) == len(target.shape) >= 1 and base.shape[1:] == target.shape[1:] and target.nbytes:
-        rows = min(base.shape[0], target.shape[0])
-        xor_bytes = target.nbytes // target.shape[0] * rows if target.shape[0] else 0
-        extra = target.shape[0] - rows
-        note = f"{extra} rows of {target.name} are stored unprotected" if extra else ""
-        return TensorPlan(target, base, "partial_xor", xor_bytes, note)
-    return TensorPlan(target, None, "raw", 0, f"shape {list(target.shape)} does not fit the base's {list(base.shape)}")
-
-
-def plan_encode(finetuned: Checkpoint, base: Checkpoint, exclude: list[str]) -> EncodePlan:
-    """Plan the whole delta without writing anything."""
-    files = []
-    for i, f in enumerate(finetuned.files, 1):
-        tensors = tuple(plan_tensor(finetuned.tensors[t.name], base.tensors.get(t.name)) for t in f.tensors)
-        files.append(FilePlan(f, f"tensors-{i:05d}{DATA_SUFFIX}", tensors))
-    base_others = set(base.other_files())
-    others: list[OtherFile] = []
-    not_shipped: list[str] = []
-    for rel in finetuned.other_files():
-        if any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], g) for g in exclude):
-            not_shipped.append(f"{rel} (excluded)")
-            continue
-        if is_foreign_weight(rel):
-            not_shipped.append(f"{rel} (weights in a format the delta does not carry)")
-            continue
-        path = finetuned.root / rel
-        digest = sha256_file(path)
-        same = rel in base_others and sha256_file(base.root / rel) == digest
-        others.append(OtherFile(rel, path.stat().st_size, digest, "reference" if same else "ship"))
-    return EncodePlan(files, others, not_shipped)
 
 
 def _fingerprint(plan: FilePlan, compression: str, frame_bytes: int) -> dict[str, object]:
@@ -223,9 +153,18 @@ def encode(
     base_revision: str | None = None,
     progress: bool = False,
     jobs: int | None = None,
+    renames: list[str] | tuple[str, ...] = (),
+    max_unprotected: float = DEFAULT_MAX_UNPROTECTED_PCT,
+    allow_unprotected: bool = False,
+    dry_run: bool = False,
 ) -> EncodeResult:
     """Write a delta folder ``out`` such that ``decode(out, base)`` rebuilds ``finetuned``.
 
+    Before writing anything, it refuses (:class:`UnprotectedError`) a delta that
+    would store more than ``max_unprotected`` percent of the tensor bytes in the
+    clear, or that leaves a tensor unpaired while the base holds one like it,
+    unless ``allow_unprotected``. ``dry_run`` plans, checks and writes nothing.
+    ``renames`` (``FROM=TO`` regexes) map base tensor names onto the fine-tune's.
     A second run with the same inputs reuses the data files already finished.
     ``jobs`` threads make frames (default: one per core); the bytes do not depend on it.
     """
@@ -239,8 +178,14 @@ def encode(
         )
     compression = "zstd" if compress else "none"
     codec = FrameCodec(compression)
+    if max_unprotected < 0:
+        raise UsageError(f"--max-unprotected {max_unprotected}: must be a percentage from 0")
     with Checkpoint(Path(finetuned)) as ft, Checkpoint(Path(base)) as bs:
-        plan = plan_encode(ft, bs, list(exclude))
+        plan = plan_encode(ft, bs, exclude, renames)
+        exposure = assess(plan, bs)
+        if dry_run:
+            return EncodeResult(None, plan, exposure, 0)
+        enforce(exposure, max_unprotected, allow_unprotected)
         state_dir = delta / STATE_DIR
         state_dir.mkdir(parents=True, exist_ok=True)
         bar = byte_bar(sum(t.target.nbytes for t in plan.tensors()), "encode", progress)
@@ -271,13 +216,14 @@ def encode(
         frame_bytes,
         tuple(weight_files),
         tuple(plan.other_files),
+        exposure=ExposureRecord(allow_unprotected, max_unprotected, exposure.unprotected_bytes),
     )
     text = manifest.to_json()
     parse_manifest(text, str(delta / MANIFEST_NAME))  # never publish a manifest our own decoder refuses
     write_atomic(delta / MANIFEST_NAME, text.encode())
     shutil.rmtree(state_dir, ignore_errors=True)
     remove_partials(delta)
-    return EncodeResult(manifest, plan, delta_size(delta))
+    return EncodeResult(manifest, plan, exposure, delta_size(delta))
 
 
 def _resume(state_path: Path, fingerprint: dict[str, object], data_path: Path) -> WeightFile | None:

@@ -72,3 +72,9 @@ class VerifyFailed(XorWeightsError):
     """A checkpoint does not match the checksums it was verified against."""
 
     default_hint = "re-run decode into a fresh folder, or re-download the files listed"
+
+
+class UnprotectedError(XorWeightsError):
+    """encode would publish tensor bytes in the clear, beyond what the releaser allowed."""
+
+    default_hint = "use the right base, map names with --rename FROM=TO, or pass --allow-unprotected"

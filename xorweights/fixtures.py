@@ -21,7 +21,7 @@ from .safetensors_io import build_header
 
 @dataclass(frozen=True)
 class LlamaSpec:
-    vocab: int = 64
+    vocab: int = 256
     hidden: int = 32
     intermediate: int = 88
     layers: int = 2

@@ -17,7 +17,7 @@ from .dtypes import ITEMSIZE, can_cast
 from .errors import ManifestError
 
 DELTA_FORMAT = "xorweights-delta"
-DELTA_VERSION = 1
+DELTA_VERSION = 2  # 2 added "exposure"; every version back to 1 still decodes
 MANIFEST_NAME = "xorweights-delta.json"
 SHIPPED_DIR = "files"
 DATA_SUFFIX = ".xwd"
@@ -102,6 +102,15 @@ class OtherFile:
 
 
 @dataclass(frozen=True)
+class ExposureRecord:
+    """What the releaser accepted to publish in the clear (format version 2 on)."""
+
+    allowed: bool  # --allow-unprotected was given
+    max_unprotected_pct: float
+    unprotected_bytes: int  # tensor bytes the base does not mask
+
+
+@dataclass(frozen=True)
 class Manifest:
     base: BaseRef
     compression: str
@@ -110,6 +119,7 @@ class Manifest:
     other_files: tuple[OtherFile, ...]
     tool_version: str = __version__
     format_version: int = DELTA_VERSION
+    exposure: ExposureRecord | None = None  # None only in version 1 deltas
 
     def tensors(self) -> list[TensorEntry]:
         return [t for f in self.weight_files for t in f.tensors]
@@ -157,7 +167,7 @@ class _Reader:
             return None
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ManifestError(f"{self.where}: field {key!r} has the wrong type ({type(value).__name__})")
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ManifestError(f"{self.where}: field {key!r} is negative")
         return value
 
@@ -314,11 +324,24 @@ def parse_manifest(text: str, where: str) -> Manifest:
     names = [f.name for f in weight_files] + [f.name for f in other_files]
     if len(set(names)) != len(names):
         raise ManifestError(f"{where}: a file is listed twice")
+    exposure = None
+    if version >= 2:
+        e = _Reader(r.get("exposure", dict), f"{where} exposure")
+        pct = e.get("max_unprotected_pct", (int, float))
+        exposure = ExposureRecord(e.get("allowed", bool), float(pct), e.get("unprotected_bytes", int))
+        e.done()
+        actual = sum(t.unprotected_bytes for f in weight_files for t in f.tensors)
+        if exposure.unprotected_bytes != actual:
+            raise ManifestError(
+                f"{where}: exposure says {exposure.unprotected_bytes} unprotected bytes, the tensors hold {actual}"
+            )
     data_files = [f.data_file for f in weight_files]
     if len(set(data_files)) != len(data_files):
         raise ManifestError(f"{where}: a data file is used twice")
     r.done()
-    return Manifest(base, compression, frame_bytes, tuple(weight_files), tuple(other_files), tool_version, version)
+    return Manifest(
+        base, compression, frame_bytes, tuple(weight_files), tuple(other_files), tool_version, version, exposure
+    )
 
 
 def load_manifest(delta: Path) -> Manifest:

@@ -30,10 +30,25 @@ class DeltaSummary:
     tensor_bytes: int
     delta_bytes: int
     unprotected_bytes: int
+    unprotected_allowed: bool | None  # the releaser passed --allow-unprotected (None: format 1 did not record it)
+    max_unprotected_pct: float | None
     unprotected: list[str]
     files_rebuilt: list[str]
     files_referenced: list[str]
     files_shipped: list[str]
+
+    @property
+    def unprotected_pct(self) -> float:
+        return 100.0 * self.unprotected_bytes / self.tensor_bytes if self.tensor_bytes else 0.0
+
+    def exposure_line(self) -> str:
+        """The exposure in words, as inspect and the model card state it."""
+        share = f"{self.unprotected_bytes} bytes ({self.unprotected_pct:.3f}% of tensor bytes) are stored unprotected"
+        if self.unprotected_allowed:
+            return f"{share}: the releaser allowed this explicitly with --allow-unprotected"
+        if self.max_unprotected_pct is not None:
+            return f"{share}, within the {self.max_unprotected_pct:g}% limit encode enforces"
+        return f"{share} (format 1 did not record the releaser's limit)"
 
     @property
     def ratio(self) -> float:
@@ -55,6 +70,8 @@ def summarize(manifest: Manifest, delta_bytes: int) -> DeltaSummary:
         tensor_bytes=sum(t.nbytes for t in tensors),
         delta_bytes=delta_bytes,
         unprotected_bytes=sum(t.unprotected_bytes for t in tensors),
+        unprotected_allowed=manifest.exposure.allowed if manifest.exposure else None,
+        max_unprotected_pct=manifest.exposure.max_unprotected_pct if manifest.exposure else None,
         unprotected=[line for t in tensors if (line := unprotected_line(t))],
         files_rebuilt=[f.name for f in manifest.weight_files],
         files_referenced=[f.name for f in manifest.other_files if f.mode == "reference"],

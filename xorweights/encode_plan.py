@@ -1,0 +1,110 @@
+"""Plan an encode: which base tensor covers each fine-tune tensor, and which files ship.
+
+The plan is pure data, built before a byte is written, so it can be printed
+(encode --dry-run), checked for exposure (:mod:`xorweights.exposure`) and
+tested without touching disk.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .checkpoint import Checkpoint, TensorRef, is_foreign_weight
+from .dtypes import can_cast
+from .kernel import sha256_file
+from .manifest import DATA_SUFFIX, OtherFile
+from .renames import base_name_map
+from .safetensors_io import SafetensorsFile
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    target: TensorRef
+    base: TensorRef | None
+    method: str  # "xor", "partial_xor" or "raw"
+    xor_bytes: int
+    note: str = ""  # why some bytes are unprotected, for the summary
+
+    @property
+    def unprotected_bytes(self) -> int:
+        return self.target.nbytes - self.xor_bytes
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    source: SafetensorsFile
+    data_file: str
+    tensors: tuple[TensorPlan, ...]
+
+
+@dataclass
+class EncodePlan:
+    weight_files: list[FilePlan]
+    other_files: list[OtherFile]
+    not_shipped: list[str] = field(default_factory=list)  # weight files in other formats, excluded files
+    aliases: dict[str, str] = field(default_factory=dict)  # shipped file -> base file with the same bytes
+
+    def tensors(self) -> list[TensorPlan]:
+        return [t for f in self.weight_files for t in f.tensors]
+
+
+def plan_tensor(target: TensorRef, base: TensorRef | None) -> TensorPlan:
+    """Decide how one fine-tune tensor is stored against its base counterpart."""
+    if base is None:
+        return TensorPlan(target, None, "raw", 0, "no tensor of that name in the base")
+    if not can_cast(base.dtype, target.dtype):
+        return TensorPlan(target, None, "raw", 0, f"base is {base.dtype}, which cannot be cast to {target.dtype}")
+    if base.shape == target.shape:
+        return TensorPlan(target, base, "xor", target.nbytes)
+    if len(base.shape) == len(target.shape) >= 1 and base.shape[1:] == target.shape[1:] and target.nbytes:
+        rows = min(base.shape[0], target.shape[0])
+        xor_bytes = target.nbytes // target.shape[0] * rows if target.shape[0] else 0
+        extra = target.shape[0] - rows
+        note = f"{extra} rows of {target.name} are stored unprotected" if extra else ""
+        return TensorPlan(target, base, "partial_xor", xor_bytes, note)
+    return TensorPlan(target, None, "raw", 0, f"shape {list(target.shape)} does not fit the base's {list(base.shape)}")
+
+
+def plan_encode(
+    finetuned: Checkpoint, base: Checkpoint, exclude: Sequence[str] = (), renames: Sequence[str] = ()
+) -> EncodePlan:
+    """Plan the whole delta without writing anything.
+
+    Each fine-tune tensor pairs with the base tensor of the same name or,
+    failing that, with the base tensor that ``renames`` map onto its name.
+    """
+    renamed = base_name_map(base.tensors, list(renames))
+
+    def counterpart(name: str) -> TensorRef | None:
+        ref = base.tensors.get(name)
+        if ref is None and name in renamed:
+            ref = base.tensors[renamed[name]]
+        return ref
+
+    files = []
+    for i, f in enumerate(finetuned.files, 1):
+        tensors = tuple(plan_tensor(finetuned.tensors[t.name], counterpart(t.name)) for t in f.tensors)
+        files.append(FilePlan(f, f"tensors-{i:05d}{DATA_SUFFIX}", tensors))
+    base_digests: dict[str, set[str]] = {}
+    for rel in base.other_files():
+        base_digests.setdefault(sha256_file(base.root / rel), set()).add(rel)
+    others: list[OtherFile] = []
+    not_shipped: list[str] = []
+    aliases: dict[str, str] = {}
+    for rel in finetuned.other_files():
+        if any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], g) for g in exclude):
+            not_shipped.append(f"{rel} (excluded)")
+            continue
+        if is_foreign_weight(rel):
+            not_shipped.append(f"{rel} (weights in a format the delta does not carry)")
+            continue
+        path = finetuned.root / rel
+        digest = sha256_file(path)
+        twins = base_digests.get(digest, set())
+        mode = "reference" if rel in twins else "ship"
+        if twins and mode == "ship":
+            aliases[rel] = min(twins)
+        others.append(OtherFile(rel, path.stat().st_size, digest, mode))
+    return EncodePlan(files, others, not_shipped, aliases)
