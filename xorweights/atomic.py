@@ -69,9 +69,12 @@ class AtomicWriter:
         self.file: BinaryIO | None = None
 
     def __enter__(self) -> BinaryIO:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.file = self.partial.open("wb")
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            # A fresh, exclusive file: never write through a link someone left at the partial name.
+            self.partial.unlink(missing_ok=True)
+            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self.file = os.fdopen(fd, "wb")
         except OSError as exc:
             raise output_error(exc, self.final) from exc
         return self.file

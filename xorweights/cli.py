@@ -26,6 +26,7 @@ from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, enforce, report_lines
 from .kernel import DEFAULT_FRAME_BYTES
 from .report import DeltaSummary, summarize
 from .report import inspect as inspect_api
+from .sizes import human_bytes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -284,8 +285,10 @@ def inspect(delta: Path, as_json: bool) -> None:
 
 
 def _echo_summary(s: DeltaSummary) -> None:
-    click.echo(f"  delta {_size(s.delta_bytes)} for {_size(s.tensor_bytes)} of tensors ({s.ratio}x smaller)")
-    click.echo(f"  {_size(s.unprotected_bytes)} of tensor bytes stored unprotected by the base")
+    click.echo(
+        f"  delta {human_bytes(s.delta_bytes)} for {human_bytes(s.tensor_bytes)} of tensors ({s.ratio}x smaller)"
+    )
+    click.echo(f"  {human_bytes(s.unprotected_bytes)} of tensor bytes stored unprotected by the base")
     for line in s.unprotected:
         click.echo(f"    {line}")
     click.echo(f"  files taken from the base: {', '.join(s.files_referenced) or 'none'}")
@@ -300,17 +303,6 @@ def demo(keep: Path | None) -> None:
     from .demo import run_demo
 
     run_demo(keep, click.echo)
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB"):
-        value /= 1024
-        if value < 1024 or unit == "GiB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 if __name__ == "__main__":

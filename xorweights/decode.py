@@ -8,9 +8,11 @@ file gets its final name only when every hash of every tensor in it matched.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
 from .kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash, sha256_file
+from .locks import FolderLock
 from .manifest import (
     CHECKSUMS_NAME,
     MANIFEST_NAME,
@@ -40,6 +43,7 @@ from .manifest import (
 from .pipeline import BufferPool, ordered, resolve_jobs
 from .progress import byte_bar
 from .safetensors_io import TensorInfo, build_header, parse_header
+from .sizes import human_bytes
 
 STATE_DIR = ".xorweights"
 STATE_NAME = "decode-state.json"
@@ -208,6 +212,10 @@ class _Rebuilder:
             return len(wf.header_bytes).to_bytes(8, "little") + wf.header_bytes, infos
         converted = [(i.name, self.out_dtype(i.dtype), i.shape) for i in infos]
         return build_header(converted, {**metadata, "format": "pt"})
+
+    def output_size(self, wf: WeightFile) -> int:
+        prefix, layout = self._layout(wf)
+        return len(prefix) + (layout[-1].end if layout else 0)
 
     def rebuild(self, job: FileJob, final: Path) -> tuple[FileSum, dict[str, TensorSum]]:
         """Write ``final`` and return its checksum and those of its tensors as written."""
@@ -386,51 +394,88 @@ def decode(
     with Checkpoint(Path(base)) as bs:
         files = plan_decode(manifest, delta, bs)
         _prepare_out(out, delta, Path(base))
-        delta_id = hashlib.sha256((delta / MANIFEST_NAME).read_bytes()).hexdigest()
-        state = _State(out, delta_id, target_dtype)
-        bar = byte_bar(sum(t.entry.nbytes for j in files for t in j.tensors), "decode", progress)
-        rebuilder = _Rebuilder(FrameCodec(manifest.compression), files, target_dtype, resolve_jobs(jobs), bar)
-        written, skipped = [], []
-        checksums = Checksums()
-        for job in files:
-            final = out / job.file.name
-            entry = state.finished(final)
-            if entry is None and final.exists():
-                entry = _adopt_existing(final, job.file, state, target_dtype)
-            if entry is None:
-                file_sum, sums = rebuilder.rebuild(job, final)
-                entry = state.add(final, file_sum, sums)
-                written.append(final.name)
-            else:
-                bar.update(sum(t.nbytes for t in job.file.tensors))
-                skipped.append(final.name)
-            checksums.files[final.name] = FileSum(entry["stat"][0], entry["sha256"])
-            for name, (dt, shape, xxh3) in entry["tensors"].items():
-                checksums.tensors[name] = TensorSum(dt, tuple(shape), xxh3)
-        bar.close()
-        for of in manifest.other_files:
-            if target_dtype is not None and of.name == SAFETENSORS_INDEX:
-                continue  # replaced by the index of the converted shards below
-            final = out / of.name
-            if final.exists():
-                if not (final.is_file() and sha256_file(final) == of.sha256):
-                    raise _foreign_file(final)
-                skipped.append(of.name)
-            else:
-                src = bs.root / of.name if of.mode == "reference" else delta / SHIPPED_DIR / of.name
-                _restore(src, final, of, from_base=of.mode == "reference")
-                written.append(of.name)
-            checksums.files[of.name] = FileSum(of.size, of.sha256)
-    if target_dtype is not None:
-        _write_converted_index(out, files, checksums)
-        write_atomic(out / CHECKSUMS_NAME, checksums.to_json().encode())
-        written += [SAFETENSORS_INDEX, CHECKSUMS_NAME]
-    remove_partials(out)
+        with FolderLock(out):
+            delta_id = hashlib.sha256((delta / MANIFEST_NAME).read_bytes()).hexdigest()
+            state = _State(out, delta_id, target_dtype)
+            bar = byte_bar(sum(t.entry.nbytes for j in files for t in j.tensors), "decode", progress)
+            rebuilder = _Rebuilder(FrameCodec(manifest.compression), files, target_dtype, resolve_jobs(jobs), bar)
+            done = {job.file.name: _finished(out / job.file.name, job.file, state, target_dtype) for job in files}
+            pending = [job for job in files if done[job.file.name] is None]
+            others = [of for of in manifest.other_files if not (target_dtype and of.name == SAFETENSORS_INDEX)]
+            need = [rebuilder.output_size(job.file) for job in pending]
+            need += [of.size for of in others if not (out / of.name).exists()]
+            _check_free_space(out, sum(need))
+            written, skipped = [], []
+            checksums = Checksums()
+            for job in files:
+                final = out / job.file.name
+                entry = done[final.name]
+                if entry is None:
+                    try:
+                        file_sum, sums = rebuilder.rebuild(job, final)
+                    except OutputError as exc:
+                        raise _explain_full_disk(exc, out, sum(need)) from exc
+                    need.pop(0)
+                    entry = state.add(final, file_sum, sums)
+                    written.append(final.name)
+                else:
+                    bar.update(sum(t.nbytes for t in job.file.tensors))
+                    skipped.append(final.name)
+                checksums.files[final.name] = FileSum(entry["stat"][0], entry["sha256"])
+                for name, (dt, shape, xxh3) in entry["tensors"].items():
+                    checksums.tensors[name] = TensorSum(dt, tuple(shape), xxh3)
+            bar.close()
+            for of in others:
+                final = out / of.name
+                if final.exists() or final.is_symlink():
+                    if final.is_symlink() or not (final.is_file() and sha256_file(final) == of.sha256):
+                        raise _foreign_file(final)
+                    skipped.append(of.name)
+                else:
+                    src = bs.root / of.name if of.mode == "reference" else delta / SHIPPED_DIR / of.name
+                    _restore(src, final, of, from_base=of.mode == "reference")
+                    written.append(of.name)
+                checksums.files[of.name] = FileSum(of.size, of.sha256)
+            if target_dtype is not None:
+                _write_converted_index(out, files, checksums)
+                write_atomic(out / CHECKSUMS_NAME, checksums.to_json().encode())
+                written += [SAFETENSORS_INDEX, CHECKSUMS_NAME]
+            remove_partials(out)
     return DecodeResult(out, written, skipped, target_dtype)
+
+
+def _finished(final: Path, wf: WeightFile, state: _State, dtype: str | None) -> dict | None:
+    """The state entry of a weight file an earlier run finished, or None to rebuild it."""
+    entry = state.finished(final)
+    if entry is None and (final.exists() or final.is_symlink()):
+        entry = _adopt_existing(final, wf, state, dtype)
+    return entry
+
+
+def _check_free_space(out: Path, need: int) -> None:
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise OutputError(
+            f"{out}: this decode needs about {human_bytes(need)} more, and only {human_bytes(free)} is free",
+            "free some space or decode into a folder on a bigger disk",
+        )
+
+
+def _explain_full_disk(exc: OutputError, out: Path, need: int) -> OutputError:
+    """Add how much space is still needed to a disk-full error; pass others on unchanged."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        return OutputError(
+            f"{out}: the disk filled up; this decode needs about {human_bytes(need)} more than was free",
+            "free that much space and run the same command again: finished files are kept and it resumes",
+        )
+    return exc
 
 
 def _adopt_existing(final: Path, wf: WeightFile, state: _State, dtype: str | None) -> dict | None:
     """Accept a file already in OUT only if it is exactly the one we would write."""
+    if final.is_symlink():
+        raise _foreign_file(final)  # never write through, or vouch for, a link
     if dtype is None and final.stat().st_size == wf.size and sha256_file(final) == wf.sha256:
         sums = {t.name: TensorSum(t.dtype, t.shape, t.xxh3) for t in wf.tensors}
         return state.add(final, FileSum(wf.size, wf.sha256), sums)

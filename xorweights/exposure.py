@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .checkpoint import Checkpoint, TensorRef
 from .encode_plan import EncodePlan
 from .errors import UnprotectedError
+from .sizes import human_bytes
 
 DEFAULT_MAX_UNPROTECTED_PCT = 1.0
 
@@ -124,19 +125,12 @@ def _similar(target: TensorRef, candidates: list[TensorRef]) -> str | None:
     return best[1] if best else None
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def report_lines(e: Exposure) -> list[str]:
     """The unprotected report, one line per finding, for encode --dry-run and the summary."""
     lines = [
-        f"{_size(e.unprotected_bytes)} of {_size(e.tensor_bytes)} of tensor bytes unprotected ({e.share_pct:.3f}%)"
+        f"{human_bytes(e.unprotected_bytes)} of {human_bytes(e.tensor_bytes)} of tensor bytes unprotected ({e.share_pct:.3f}%)"
     ]
-    lines += [f"  {u.name}: {_size(u.nbytes)} ({u.cause})" for u in e.unprotected]
+    lines += [f"  {u.name}: {human_bytes(u.nbytes)} ({u.cause})" for u in e.unprotected]
     if e.rename_hint:
         lines.append(f"  names: {e.rename_hint} would pair the base's tensors with the fine-tune's")
     lines += [f"  shipped verbatim: {name}" for name in e.shipped]
@@ -152,11 +146,11 @@ def enforce(e: Exposure, max_pct: float, allow: bool) -> None:
     over = e.share_pct > max_pct
     if allow or not (over or e.similar):
         return
-    top = ", ".join(f"{u.name} {_size(u.nbytes)}" for u in e.unprotected[:3])
+    top = ", ".join(f"{u.name} {human_bytes(u.nbytes)}" for u in e.unprotected[:3])
     more = f" and {len(e.unprotected) - 3} more" if len(e.unprotected) > 3 else ""
     if over:
         what = (
-            f"{e.share_pct:.2f}% of tensor bytes ({_size(e.unprotected_bytes)}) would be stored unprotected, "
+            f"{e.share_pct:.2f}% of tensor bytes ({human_bytes(e.unprotected_bytes)}) would be stored unprotected, "
             f"more than --max-unprotected {max_pct:g}%"
         )
     else:
