@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import AtomicWriter, copy_atomic, refuse_overlap, remove_partials, write_atomic
+from .atomic import AtomicWriter, copy_atomic, output_error, refuse_overlap, remove_partials, write_atomic
 from .base_stream import _EMPTY, BaseStream
 from .checkpoint import Checkpoint
 from .encode_plan import EncodePlan, FilePlan, TensorPlan, plan_encode
 from .errors import InputFileError, OutputError, UsageError, XorWeightsError
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, Exposure, assess, enforce
 from .kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash
+from .locks import FolderLock
 from .manifest import (
     MANIFEST_NAME,
     SHIPPED_DIR,
@@ -186,44 +187,51 @@ def encode(
         if dry_run:
             return EncodeResult(None, plan, exposure, 0)
         enforce(exposure, max_unprotected, allow_unprotected)
-        state_dir = delta / STATE_DIR
-        state_dir.mkdir(parents=True, exist_ok=True)
-        bar = byte_bar(sum(t.target.nbytes for t in plan.tensors()), "encode", progress)
-        encoder = _Encoder(delta, codec, frame_bytes, resolve_jobs(jobs), bar)
-        weight_files = []
-        for fp in plan.weight_files:
-            state_path = state_dir / f"{fp.data_file}.json"
-            fingerprint = _fingerprint(fp, compression, frame_bytes)
-            done = _resume(state_path, fingerprint, delta / fp.data_file)
-            if done is None:
-                done = encoder.encode_file(fp)
-                record = {"fingerprint": fingerprint, "file": asdict(done)}
-                write_atomic(state_path, json.dumps(record).encode())
-            else:
-                bar.update(sum(t.nbytes for t in done.tensors))
-            weight_files.append(done)
-        bar.close()
-        for of in plan.other_files:
-            if of.mode == "ship":
-                _ship(ft.root / of.name, delta / SHIPPED_DIR / of.name, of)
-    manifest = Manifest(
-        BaseRef(
-            base_description or f"the base checkpoint used at encode time ({Path(base).name})",
-            base_repo_id,
-            base_revision,
-        ),
-        compression,
-        frame_bytes,
-        tuple(weight_files),
-        tuple(plan.other_files),
-        exposure=ExposureRecord(allow_unprotected, max_unprotected, exposure.unprotected_bytes),
-    )
-    text = manifest.to_json()
-    parse_manifest(text, str(delta / MANIFEST_NAME))  # never publish a manifest our own decoder refuses
-    write_atomic(delta / MANIFEST_NAME, text.encode())
-    shutil.rmtree(state_dir, ignore_errors=True)
-    remove_partials(delta)
-    return EncodeResult(manifest, plan, exposure, delta_size(delta))
+        try:
+            delta.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(exc, delta) from None
+        with FolderLock(delta):
+            if (delta / MANIFEST_NAME).exists():  # another encode finished while we planned
+                raise OutputError(f"{delta}: already holds a finished delta", "choose a new output folder")
+            state_dir = delta / STATE_DIR
+            state_dir.mkdir(parents=True, exist_ok=True)
+            bar = byte_bar(sum(t.target.nbytes for t in plan.tensors()), "encode", progress)
+            encoder = _Encoder(delta, codec, frame_bytes, resolve_jobs(jobs), bar)
+            weight_files = []
+            for fp in plan.weight_files:
+                state_path = state_dir / f"{fp.data_file}.json"
+                fingerprint = _fingerprint(fp, compression, frame_bytes)
+                done = _resume(state_path, fingerprint, delta / fp.data_file)
+                if done is None:
+                    done = encoder.encode_file(fp)
+                    record = {"fingerprint": fingerprint, "file": asdict(done)}
+                    write_atomic(state_path, json.dumps(record).encode())
+                else:
+                    bar.update(sum(t.nbytes for t in done.tensors))
+                weight_files.append(done)
+            bar.close()
+            for of in plan.other_files:
+                if of.mode == "ship":
+                    _ship(ft.root / of.name, delta / SHIPPED_DIR / of.name, of)
+            manifest = Manifest(
+                BaseRef(
+                    base_description or f"the base checkpoint used at encode time ({Path(base).name})",
+                    base_repo_id,
+                    base_revision,
+                ),
+                compression,
+                frame_bytes,
+                tuple(weight_files),
+                tuple(plan.other_files),
+                exposure=ExposureRecord(allow_unprotected, max_unprotected, exposure.unprotected_bytes),
+            )
+            text = manifest.to_json()
+            parse_manifest(text, str(delta / MANIFEST_NAME))  # never publish a manifest our own decoder refuses
+            write_atomic(delta / MANIFEST_NAME, text.encode())
+            shutil.rmtree(state_dir, ignore_errors=True)
+            remove_partials(delta)
+        return EncodeResult(manifest, plan, exposure, delta_size(delta))
 
 
 def _resume(state_path: Path, fingerprint: dict[str, object], data_path: Path) -> WeightFile | None:
