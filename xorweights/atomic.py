@@ -126,6 +126,22 @@ def write_atomic(final: Path, data: bytes) -> None:
         writer.commit()
 
 
+def refuse_links(root: Path, path: Path) -> None:
+    """Refuse ``path`` if it, or a folder between ``root`` and it, is a symbolic link.
+
+    Everything xorweights writes must land inside ``root``; a link planted in
+    the output folder would send a write somewhere else.
+    """
+    current = path
+    while current != root and root in current.parents:
+        if current.is_symlink():
+            raise OutputError(
+                f"{current}: is a symbolic link; xorweights writes only inside {root}",
+                "remove the link, or decode into a new, empty folder",
+            )
+        current = current.parent
+
+
 def refuse_overlap(out: Path, inputs: dict[str, Path]) -> None:
     """Refuse an output folder that is, or lies inside, an input (or holds one)."""
     out_r = Path(out).resolve()

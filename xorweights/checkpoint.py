@@ -116,6 +116,12 @@ class Checkpoint:
         index = path / SAFETENSORS_INDEX
         if index.is_file():
             shards = sorted(set(_read_index(index).values()))
+            missing = [s for s in shards if not (path / s).exists()]
+            if missing:
+                raise CheckpointError(
+                    f"{index}: names shard {missing[0]}, which is not in {path}",
+                    "download every shard the index lists, or remove the stale index",
+                )
             return [path / s for s in shards]
         found = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
         if not found:

@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import AtomicWriter, copy_atomic, refuse_overlap, remove_partials, start_writeback, write_atomic
+from .atomic import (
+    AtomicWriter,
+    copy_atomic,
+    refuse_links,
+    refuse_overlap,
+    remove_partials,
+    start_writeback,
+    write_atomic,
+)
 from .base_stream import _EMPTY, BaseStream
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
@@ -432,6 +440,7 @@ def decode(
                         raise _foreign_file(final)
                     skipped.append(of.name)
                 else:
+                    refuse_links(out, final)
                     src = bs.root / of.name if of.mode == "reference" else delta / SHIPPED_DIR / of.name
                     _restore(src, final, of, from_base=of.mode == "reference")
                     written.append(of.name)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import AtomicWriter, copy_atomic, output_error, refuse_overlap, remove_partials, write_atomic
+from .atomic import AtomicWriter, copy_atomic, output_error, refuse_links, refuse_overlap, remove_partials, write_atomic
 from .base_stream import _EMPTY, BaseStream
 from .checkpoint import Checkpoint
 from .encode_plan import EncodePlan, FilePlan, TensorPlan, plan_encode
@@ -213,7 +213,7 @@ def encode(
             bar.close()
             for of in plan.other_files:
                 if of.mode == "ship":
-                    _ship(ft.root / of.name, delta / SHIPPED_DIR / of.name, of)
+                    _ship(ft.root / of.name, delta, of)
             manifest = Manifest(
                 BaseRef(
                     base_description or f"the base checkpoint used at encode time ({Path(base).name})",
@@ -248,7 +248,10 @@ def _resume(state_path: Path, fingerprint: dict[str, object], data_path: Path) -
     return wf
 
 
-def _ship(src: Path, dst: Path, of: OtherFile) -> None:
+def _ship(src: Path, delta: Path, of: OtherFile) -> None:
+    dst = delta / SHIPPED_DIR / of.name
+    refuse_links(delta, dst)
+
     def check(found: str) -> None:
         if found != of.sha256:
             raise InputFileError(f"{src}: changed while encoding", "run encode again once the fine-tune is final")

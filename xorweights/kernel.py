@@ -125,7 +125,8 @@ class FrameCodec:
         except zstandard.ZstdError as exc:
             raise DeltaCorruptError(f"{where}: not a zstd frame ({exc})") from None
         if claimed != size:
-            raise DeltaCorruptError(f"{where}: frame claims {claimed} bytes, the manifest says {size}")
+            told = "declares no size" if claimed < 0 else f"claims {claimed} bytes"
+            raise DeltaCorruptError(f"{where}: frame {told}, the manifest says {size}")
         try:
             raw = self._decompressor().decompress(frame, max_output_size=size)
         except zstandard.ZstdError as exc:

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
+from .atomic import output_error, refuse_links
 from .errors import OutputError
 
 LOCK_DIR = ".xorweights"
@@ -37,8 +38,12 @@ class FolderLock:
         self.took_over_from: int | None = None  # pid of a dead holder whose lock we took
 
     def __enter__(self) -> FolderLock:
+        refuse_links(self.path.parent.parent, self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise output_error(exc, self.path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -134,7 +134,7 @@ class Manifest:
 
 def check_relpath(name: Any, where: str, allow_dirs: bool = False, suffix: str = "") -> str:
     """Refuse a file name that could escape the folder it belongs to, or hide in it."""
-    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+    if not isinstance(name, str) or not name or "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise ManifestError(f"{where}: invalid file name {name!r}")
     path = PurePosixPath(name)
     if path.is_absolute() or any(p in ("", ".", "..") or p.startswith(".") for p in name.split("/")):
@@ -335,9 +335,13 @@ def parse_manifest(text: str, where: str) -> Manifest:
             raise ManifestError(
                 f"{where}: exposure says {exposure.unprotected_bytes} unprotected bytes, the tensors hold {actual}"
             )
-    data_files = [f.data_file for f in weight_files]
-    if len(set(data_files)) != len(data_files):
-        raise ManifestError(f"{where}: a data file is used twice")
+    users: dict[str, str] = {}
+    for wf in weight_files:
+        if wf.data_file in users:
+            raise ManifestError(
+                f"{where}: data file {wf.data_file} is used by both {users[wf.data_file]} and {wf.name}"
+            )
+        users[wf.data_file] = wf.name
     r.done()
     return Manifest(
         base, compression, frame_bytes, tuple(weight_files), tuple(other_files), tool_version, version, exposure

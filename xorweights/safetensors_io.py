@@ -67,7 +67,7 @@ def parse_header(header: bytes, data_size: int, where: str) -> tuple[list[Tensor
         raise bad(f"header is not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise bad("header is not a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
