@@ -179,6 +179,8 @@ def _read_index(index: Path) -> dict[str, str]:
             for k, v in weight_map.items()
         ):
             raise ValueError("weight_map must map tensor names to file names in the same folder")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{index}: not a valid safetensors index ({exc})", "re-download the index, or delete it to read every shard"
+        ) from None
     return weight_map

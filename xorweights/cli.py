@@ -104,7 +104,7 @@ def main() -> None:
 )
 @click.option(
     "--max-unprotected",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(0, 100),
     default=DEFAULT_MAX_UNPROTECTED_PCT,
     show_default=True,
     metavar="PCT",

@@ -179,8 +179,8 @@ def encode(
         )
     compression = "zstd" if compress else "none"
     codec = FrameCodec(compression)
-    if max_unprotected < 0:
-        raise UsageError(f"--max-unprotected {max_unprotected}: must be a percentage from 0")
+    if not 0 <= max_unprotected <= 100:
+        raise UsageError(f"--max-unprotected {max_unprotected}: must be a percentage from 0 to 100")
     with Checkpoint(Path(finetuned)) as ft, Checkpoint(Path(base)) as bs:
         plan = plan_encode(ft, bs, exclude, renames)
         exposure = assess(plan, bs)

@@ -184,7 +184,7 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
 
 
 def _dtype(value: Any, where: str) -> str:
-    if value not in ITEMSIZE:
+    if not isinstance(value, str) or value not in ITEMSIZE:
         raise ManifestError(f"{where}: unknown dtype {value!r}")
     return str(value)
 
@@ -278,8 +278,8 @@ def parse_manifest(text: str, where: str) -> Manifest:
     """Parse and validate a delta manifest."""
     try:
         obj = json.loads(text)
-    except ValueError as exc:
-        raise ManifestError(f"{where}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ManifestError(f"{where}: not valid JSON ({type(exc).__name__}: {exc})") from None
     r = _Reader(obj, where)
     if r.get("format", str) != DELTA_FORMAT:
         raise ManifestError(f"{where}: not an xorweights delta manifest")
@@ -328,6 +328,8 @@ def parse_manifest(text: str, where: str) -> Manifest:
     if version >= 2:
         e = _Reader(r.get("exposure", dict), f"{where} exposure")
         pct = e.get("max_unprotected_pct", (int, float))
+        if not 0 <= pct <= 100:
+            raise ManifestError(f"{e.where}: max_unprotected_pct {pct} is not a percentage")
         exposure = ExposureRecord(e.get("allowed", bool), float(pct), e.get("unprotected_bytes", int))
         e.done()
         actual = sum(t.unprotected_bytes for f in weight_files for t in f.tensors)
@@ -400,7 +402,7 @@ def load_checksums(path: Path) -> Checksums:
     where = str(path)
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ManifestError(
             f"{where}: cannot read checksum manifest ({exc})", "pass a file made by `xorweights checksum`"
         ) from None

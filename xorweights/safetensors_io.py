@@ -63,6 +63,8 @@ def parse_header(header: bytes, data_size: int, where: str) -> tuple[list[Tensor
 
     try:
         obj = json.loads(header.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except RecursionError:
+        raise bad("header nests JSON too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad(f"header is not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
@@ -77,7 +79,7 @@ def parse_header(header: bytes, data_size: int, where: str) -> tuple[list[Tensor
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {name!r} needs exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
