@@ -460,7 +460,7 @@ def _truncate_data(path: Path) -> str:
 def _header_longer_than_file(path: Path) -> str:
     data = path.read_bytes()
     path.write_bytes(struct.pack("<Q", len(data)) + data[8:])
-    return f"header claims {len(data)} bytes but the file has {len(data)}"
+    return f"header claims {len(data)} bytes, but only {len(data) - 8} follow its length"
 
 
 def _invalid_json(path: Path) -> str:

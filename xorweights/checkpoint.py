@@ -116,7 +116,7 @@ class Checkpoint:
         index = path / SAFETENSORS_INDEX
         if index.is_file():
             shards = sorted(set(_read_index(index).values()))
-            missing = [s for s in shards if not (path / s).exists()]
+            missing = [s for s in shards if not (path / s).exists() and not (path / s).is_symlink()]
             if missing:
                 raise CheckpointError(
                     f"{index}: names shard {missing[0]}, which is not in {path}",

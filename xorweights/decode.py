@@ -410,8 +410,9 @@ def decode(
             done = {job.file.name: _finished(out / job.file.name, job.file, state, target_dtype) for job in files}
             pending = [job for job in files if done[job.file.name] is None]
             others = [of for of in manifest.other_files if not (target_dtype and of.name == SAFETENSORS_INDEX)]
+            present = {of.name for of in others if _already_there(out, of)}  # refuses foreign files up front
             need = [rebuilder.output_size(job.file) for job in pending]
-            need += [of.size for of in others if not (out / of.name).exists()]
+            need += [of.size for of in others if of.name not in present]
             _check_free_space(out, sum(need))
             written, skipped = [], []
             checksums = Checksums()
@@ -435,12 +436,9 @@ def decode(
             bar.close()
             for of in others:
                 final = out / of.name
-                if final.exists() or final.is_symlink():
-                    if final.is_symlink() or not (final.is_file() and sha256_file(final) == of.sha256):
-                        raise _foreign_file(final)
+                if of.name in present:
                     skipped.append(of.name)
                 else:
-                    refuse_links(out, final)
                     src = bs.root / of.name if of.mode == "reference" else delta / SHIPPED_DIR / of.name
                     _restore(src, final, of, from_base=of.mode == "reference")
                     written.append(of.name)
@@ -459,6 +457,19 @@ def _finished(final: Path, wf: WeightFile, state: _State, dtype: str | None) -> 
     if entry is None and (final.exists() or final.is_symlink()):
         entry = _adopt_existing(final, wf, state, dtype)
     return entry
+
+
+def _already_there(out: Path, of: OtherFile) -> bool:
+    """True if OUT already holds exactly this file; refuse anything else under its name."""
+    final = out / of.name
+    if final.is_symlink():
+        raise _foreign_file(final)
+    refuse_links(out, final.parent)
+    if not final.exists():
+        return False
+    if final.is_file() and sha256_file(final) == of.sha256:
+        return True
+    raise _foreign_file(final)
 
 
 def _check_free_space(out: Path, need: int) -> None:

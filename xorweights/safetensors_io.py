@@ -133,7 +133,7 @@ class SafetensorsFile:
                 )
             if 8 + n > self.size:
                 raise InputFileError(
-                    f"{path}: header claims {n} bytes but the file has {self.size}; it is truncated",
+                    f"{path}: header claims {n} bytes, but only {self.size - 8} follow its length; it is truncated",
                     "re-download it",
                 )
             self.header_bytes = f.read(n)

@@ -1,0 +1,425 @@
+"""docs/reliability.md is generated here, from real runs, so it cannot drift from the code.
+
+Every bad input below is built from the tiny fixtures and fed to the CLI; the
+test asserts exit code 1 (or 2), a single error line with a hint and no
+traceback, then renders the message into the table. The faults are injected
+for real (kill -9 of a decode, a disk that fills up) and counted. If the
+rendered document differs from the committed one the test fails; regenerate it
+with ``XORWEIGHTS_WRITE_DOCS=1 .venv/bin/python -m pytest tests/test_reliability_doc.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from conftest import files_digest, run
+from test_errors import (
+    _gap,
+    _header_longer_than_file,
+    _invalid_json,
+    _trailing_bytes,
+    _truncate_to_prefix,
+    _unknown_dtype,
+    edit_manifest,
+    entry,
+    flip,
+    tensor_span,
+)
+from test_hostile import (
+    Q_PROJ,
+    _broken_symlink,
+    _claims_200_mb,
+    _directory,
+    _duplicate_tensor_name,
+    _metadata_value_not_a_string,
+    _offsets_past_the_end,
+    _overlapping_offsets,
+    _shape_does_not_match_bytes,
+    original_frame,
+    replace_frame,
+)
+
+import xorweights
+from xorweights.errors import OutputError
+from xorweights.fixtures import LlamaSpec, Pair, make_pair
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+SHARD1 = "model-00001-of-00002.safetensors"
+EMBED = "model.embed_tokens.weight"
+
+
+@dataclass(frozen=True)
+class Case:
+    section: str
+    what: str
+    build: Callable[[Path], list[object]]  # makes the inputs under a folder; returns the CLI arguments
+    code: int = 1
+
+
+def _pair(root: Path, **kwargs: Any) -> Pair:
+    return make_pair(root / "pair", **kwargs)
+
+
+def _delta(root: Path, pair: Pair, **kwargs: Any) -> Path:
+    delta = root / "delta"
+    if not delta.exists():
+        xorweights.encode(pair.finetuned, pair.base, delta, **kwargs)
+    return delta
+
+
+def damaged_finetune(damage: Callable[[Path], object]) -> Callable[[Path], list[object]]:
+    def build(root: Path) -> list[object]:
+        pair = _pair(root)
+        damage(pair.finetuned / SHARD1)
+        return ["encode", pair.finetuned, "--base", pair.base, "-o", root / "delta"]
+
+    return build
+
+
+def edited_manifest(edit: Callable[[dict[str, Any]], object]) -> Callable[[Path], list[object]]:
+    def build(root: Path) -> list[object]:
+        pair = _pair(root)
+        delta = _delta(root, pair)
+        edit_manifest(delta, edit)
+        return ["decode", delta, "--base", pair.base, "-o", root / "out"]
+
+    return build
+
+
+def damaged_frames(damage: Callable[[Path], object]) -> Callable[[Path], list[object]]:
+    def build(root: Path) -> list[object]:
+        pair = _pair(root)
+        delta = _delta(root, pair, frame_bytes=64)
+        damage(delta)
+        return ["decode", delta, "--base", pair.base, "-o", root / "out"]
+
+    return build
+
+
+def other_base(**kwargs: Any) -> Callable[[Path], list[object]]:
+    def build(root: Path) -> list[object]:
+        pair = _pair(root)
+        delta = _delta(root, pair)
+        other = make_pair(root / "other", **kwargs)
+        return ["decode", delta, "--base", other.base, "-o", root / "out"]
+
+    return build
+
+
+def changed_base(change: Callable[[Pair], object]) -> Callable[[Path], list[object]]:
+    def build(root: Path) -> list[object]:
+        pair = _pair(root)
+        delta = _delta(root, pair)
+        change(pair)
+        return ["decode", delta, "--base", pair.base, "-o", root / "out"]
+
+    return build
+
+
+def _flip_in_tensor(pair: Pair) -> None:
+    begin, _ = tensor_span(pair.base / SHARD1, Q_PROJ)
+    flip(pair.base / SHARD1, begin + 7)
+
+
+def _swap_two_frames(delta: Path) -> None:
+    a, b = original_frame(delta, EMBED, 0), original_frame(delta, EMBED, 1)
+    replace_frame(delta, EMBED, 0, b)
+    replace_frame(delta, EMBED, 1, a)
+
+
+def _bomb(delta: Path) -> None:
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(64 << 20))
+    replace_frame(delta, Q_PROJ, 0, bomb)
+
+
+def _flip_frame(delta: Path) -> None:
+    frame = bytearray(original_frame(delta, Q_PROJ, 1))
+    frame[len(frame) // 2] ^= 0x10
+    replace_frame(delta, Q_PROJ, 1, bytes(frame))
+
+
+def _out_inside_delta(root: Path) -> list[object]:
+    pair = _pair(root)
+    delta = _delta(root, pair)
+    return ["decode", delta, "--base", pair.base, "-o", delta / "out"]
+
+
+def _link_in_out(root: Path) -> list[object]:
+    pair = _pair(root)
+    delta = _delta(root, pair)
+    (root / "out").mkdir()
+    (root / "victim").write_text("precious")
+    (root / "out" / "config.json").symlink_to(root / "victim")
+    return ["decode", delta, "--base", pair.base, "-o", root / "out"]
+
+
+def _wrong_name_prefix(root: Path) -> list[object]:
+    from xorweights.fixtures import make_base, make_finetune, side_files, write_checkpoint
+
+    base = make_base(LlamaSpec())
+    ft = write_checkpoint(root / "ft", make_finetune(base), files=side_files(LlamaSpec()))
+    stripped = {n.removeprefix("model."): t for n, t in base.items()}
+    plain = write_checkpoint(root / "base", stripped, files=side_files(LlamaSpec()))
+    return ["encode", ft, "--base", plain, "-o", root / "delta"]
+
+
+CASES = [
+    Case("safetensors", "a truncated file", damaged_finetune(_truncate_to_prefix)),
+    Case("safetensors", "a header length larger than the file", damaged_finetune(_header_longer_than_file)),
+    Case("safetensors", "a header over 100 MB", damaged_finetune(_claims_200_mb)),
+    Case("safetensors", "invalid JSON in the header", damaged_finetune(_invalid_json)),
+    Case("safetensors", "a non-string `__metadata__` value", damaged_finetune(_metadata_value_not_a_string)),
+    Case("safetensors", "an unknown dtype", damaged_finetune(_unknown_dtype)),
+    Case("safetensors", "offsets out of range", damaged_finetune(_offsets_past_the_end)),
+    Case("safetensors", "overlapping offsets", damaged_finetune(_overlapping_offsets)),
+    Case("safetensors", "offsets leaving a gap", damaged_finetune(_gap)),
+    Case("safetensors", "offsets not covering the data", damaged_finetune(_trailing_bytes)),
+    Case("safetensors", "shape × dtype not matching the byte length", damaged_finetune(_shape_does_not_match_bytes)),
+    Case("safetensors", "duplicate tensor names", damaged_finetune(_duplicate_tensor_name)),
+    Case("safetensors", "a weight file that is a directory", damaged_finetune(_directory)),
+    Case("safetensors", "a weight file that is a broken link", damaged_finetune(_broken_symlink)),
+    Case("manifest", "an unknown (newer) format version", edited_manifest(lambda m: m.update(format_version=99))),
+    Case("manifest", "a missing field", edited_manifest(lambda m: m.pop("compression"))),
+    Case("manifest", "an extra field", edited_manifest(lambda m: m.update(signed_by="me"))),
+    Case(
+        "manifest",
+        "a file name with `..`",
+        edited_manifest(lambda m: m["weight_files"][0].update(name="../evil.safetensors")),
+    ),
+    Case(
+        "manifest", "an absolute file name", edited_manifest(lambda m: m["other_files"][0].update(name="/etc/passwd"))
+    ),
+    Case(
+        "manifest",
+        "a file name with NUL",
+        edited_manifest(lambda m: m["other_files"][0].update(name="config.json\x00.sh")),
+    ),
+    Case(
+        "manifest",
+        "a file name with a path separator",
+        edited_manifest(lambda m: m["weight_files"][0].update(name="sub/model.safetensors")),
+    ),
+    Case(
+        "manifest",
+        "a tensor listed twice",
+        edited_manifest(lambda m: m["weight_files"][1]["tensors"].append(m["weight_files"][0]["tensors"][1])),
+    ),
+    Case(
+        "manifest",
+        "frame sizes that do not match the data file",
+        edited_manifest(lambda m: entry(m, Q_PROJ)["frames"][0].__setitem__(0, entry(m, Q_PROJ)["frames"][0][0] + 1)),
+    ),
+    Case("frames", "a decompression bomb (64 MiB where 64 bytes are declared)", damaged_frames(_bomb)),
+    Case("frames", "a flipped bit in a compressed frame", damaged_frames(_flip_frame)),
+    Case(
+        "frames",
+        "a truncated frame",
+        damaged_frames(lambda d: replace_frame(d, Q_PROJ, 1, original_frame(d, Q_PROJ, 1)[:-1])),
+    ),
+    Case("frames", "frames in the wrong order", damaged_frames(_swap_two_frames)),
+    Case("wrong base", "another model (other weights)", other_base(seed=5)),
+    Case("wrong base", "another dtype (F32)", other_base(base_dtype="F32")),
+    Case("wrong base", "a lossy bf16 conversion of an fp16 base", other_base(base_dtype="BF16")),
+    Case("wrong base", "another shape", other_base(spec=LlamaSpec(intermediate=96))),
+    Case("wrong base", "one tensor changed", changed_base(_flip_in_tensor)),
+    Case("wrong base", "a tensor missing", other_base(spec=LlamaSpec(layers=1))),
+    Case(
+        "wrong base",
+        "a referenced file missing",
+        changed_base(lambda p: (p.base / "tokenizer.model").unlink()),
+    ),
+    Case("release", "a base whose tensor names lack `model.`", _wrong_name_prefix),
+    Case("output", "OUT inside the delta", _out_inside_delta),
+    Case("output", "a link planted in OUT", _link_in_out),
+]
+
+
+def normalize(line: str, root: Path) -> str:
+    line = line.removeprefix("xorweights: error: ").replace(str(root), "…")
+    line = re.sub(r"\b[0-9a-f]{64}\b", "<sha256>", line)
+    line = re.sub(r"\b[0-9a-f]{32}\b", "<xxh3>", line)
+    return line.replace("|", "\\|")
+
+
+def run_case(case: Case, root: Path) -> tuple[str, str]:
+    """Run one bad input; return the command and its normalised error line."""
+    args = case.build(root)
+    r = run(*args)
+    assert r.exit_code == case.code, (case.what, r.output)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.output, (case.what, r.stderr)
+    assert lines[0].startswith("xorweights: error: ") and "(hint: " in lines[0], (case.what, lines[0])
+    # Nothing that looks complete was written: no rebuilt weight file, no delta manifest from encode.
+    assert not any(root.glob("out/*.safetensors")), case.what
+    if args[0] == "encode":
+        assert not (root / "delta" / "xorweights-delta.json").exists(), case.what
+    return str(args[0]), normalize(lines[0], root)
+
+
+# ---------------------------------------------------------------- faults
+
+
+def kill_9(root: Path, kills: int) -> dict[str, int]:
+    """Kill a decode at random points, check OUT each time, then finish it."""
+    pair = make_pair(root / "pair", LlamaSpec(vocab=2048, hidden=128, intermediate=344, layers=4, heads=4), shards=3)
+    delta = root / "delta"
+    xorweights.encode(pair.finetuned, pair.base, delta, frame_bytes=4096)
+    want, out = files_digest(pair.finetuned), root / "out"
+    cmd = [sys.executable, "-m", "xorweights.cli", "decode", str(delta), "--base", str(pair.base), "-o", str(out), "-q"]
+    rng, wrong = random.Random(1234), 0
+    for _ in range(kills):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.05, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        seen = files_digest(out) if out.exists() else {}
+        wrong += sum(1 for name, digest in seen.items() if digest != want[name])
+    finished = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    lost = sum((pair.finetuned / n).stat().st_size for n, d in want.items() if files_digest(out).get(n) != d)
+    return {"runs": kills, "recovered": kills if finished and not lost else 0, "lost": lost + wrong}
+
+
+def disk_full(root: Path, budgets: list[int], monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Fail writes with ENOSPC after ``budget`` bytes; the error must say so; a re-run must finish."""
+    pair = make_pair(root / "pair", LlamaSpec(vocab=2048, hidden=128, intermediate=344, layers=4, heads=4), shards=3)
+    delta = root / "delta"
+    xorweights.encode(pair.finetuned, pair.base, delta, frame_bytes=4096)
+    want = files_digest(pair.finetuned)
+    real_pwrite, recovered, lost = os.pwrite, 0, 0
+    for k, budget in enumerate(budgets):
+        out, left = root / f"out{k}", [budget]
+
+        def pwrite(fd: int, data: Any, offset: int, left: list[int] = left) -> int:
+            left[0] -= len(data)
+            if left[0] < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        with pytest.raises(OutputError, match="the disk filled up; this decode needs about"):
+            xorweights.decode(delta, pair.base, out)
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+        lost += sum(1 for n, d in files_digest(out).items() if d != want[n])  # a wrong file under a final name
+        xorweights.decode(delta, pair.base, out)
+        recovered += files_digest(out) == want
+    return {"runs": len(budgets), "recovered": recovered, "lost": lost}
+
+
+def lock_contention(root: Path) -> dict[str, int]:
+    pair = make_pair(root / "pair")
+    delta, out = root / "delta", root / "out"
+    xorweights.encode(pair.finetuned, pair.base, delta)
+    code = (
+        "import sys, time; from pathlib import Path; from xorweights.locks import FolderLock\n"
+        "with FolderLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    r = run("decode", delta, "--base", pair.base, "-o", out)
+    assert r.exit_code == 1, r.output
+    assert f"{out}: another xorweights (pid {holder.pid} on " in r.stderr
+    assert "wait for it to finish, or use another output folder" in r.stderr
+    refused = not (out / "model-00001-of-00002.safetensors").exists()
+    holder.kill()
+    holder.wait()
+    finished = run("decode", delta, "--base", pair.base, "-o", out).exit_code == 0
+    ok = refused and finished and files_digest(out) == files_digest(pair.finetuned)
+    return {"runs": 1, "recovered": int(ok), "lost": 0 if ok else 1}
+
+
+# ---------------------------------------------------------------- the document
+
+
+HEADER = """# Reliability
+
+Generated by `tests/test_reliability_doc.py` from real runs of the CLI; do not
+edit by hand. The test fails when this file and the code disagree. Rerun the
+whole suite with `bash scripts/setup.sh && .venv/bin/python -m pytest -q`, or
+regenerate this file with
+`XORWEIGHTS_WRITE_DOCS=1 .venv/bin/python -m pytest -q tests/test_reliability_doc.py`.
+
+Every bad input below exits with code 1, prints one line naming the file or
+tensor, what was expected and what was found, with a hint, and writes nothing
+that looks complete: no rebuilt weight file, no delta manifest. `…` stands for
+the test's temporary folder, `<xxh3>` and `<sha256>` for checksums.
+
+More cases are tested than listed here: `tests/test_errors.py`,
+`tests/test_hostile.py` (each safetensors damage also as decode's base, links
+in the state folder and in subfolders, control characters in names, inputs
+hashed before and after every command), `tests/test_properties.py`
+(hypothesis: every parser rejection is a typed error; bit-exact round trips
+for random shapes and dtypes) and `tests/fuzz_parsers.py` (a fuzz entry point
+for the header and manifest parsers, run for 10 s in the suite; with atheris:
+`python tests/fuzz_parsers.py -max_total_time=600`).
+"""
+
+FOOTER = """
+## Known gaps
+
+- A zstd frame followed by extra bytes inside its stored range still decodes:
+  zstd stops at the end of the frame. The output is checked by its xxh3-128,
+  so nothing wrong is written; `tests/test_hostile.py` keeps this as an
+  expected failure.
+- `.bin` pickles are not read yet (the issue on other base formats), so the
+  refusal of pickles that carry code is not tested yet.
+- As root, a read-only folder is still writable, so "missing permissions" is
+  tested only as a read-only mount (`tests/test_faults.py`).
+"""
+
+
+def render(rows: list[tuple[Case, str, str]], faults: list[tuple[str, dict[str, int]]]) -> str:
+    out = [HEADER]
+    section = None
+    for case, command, message in rows:
+        if case.section != section:
+            section = case.section
+            out.append(f"\n## Bad input: {section}\n\n| input | command | error |\n|---|---|---|")
+        out.append(f"| {case.what} | {command} | {message} |")
+    out.append("\n## Faults\n\n| fault | runs | recovered | lost |\n|---|---:|---:|---:|")
+    for what, stats in faults:
+        out.append(f"| {what} | {stats['runs']} | {stats['recovered']} | {stats['lost']} |")
+    out.append(
+        "\n`recovered`: runs after which the same command finished with output identical to the\n"
+        "fine-tune. `lost`: files under a final name that were wrong (checked after every injected\n"
+        "fault) plus bytes missing at the end; the goal is zero."
+    )
+    return "\n".join(out) + "\n" + FOOTER
+
+
+def test_reliability_doc_is_current(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XORWEIGHTS_DEBUG", raising=False)
+    rows = [(case, *run_case(case, tmp_path / f"case{k}")) for k, case in enumerate(CASES)]
+    faults = [
+        ("kill -9 of a decode at a random point, then the same command again", kill_9(tmp_path / "kill", 6)),
+        (
+            "disk full (ENOSPC) after 0.5, 1.5 and 2.5 MB of output, then the same command again",
+            disk_full(tmp_path / "full", [500_000, 1_500_000, 2_500_000], monkeypatch),
+        ),
+        ("a second decode into the same OUT, then the first one dies (stale lock)", lock_contention(tmp_path / "lock")),
+    ]
+    for what, stats in faults:
+        assert stats["recovered"] == stats["runs"] and stats["lost"] == 0, (what, stats)
+    text = render(rows, faults)
+    if os.environ.get("XORWEIGHTS_WRITE_DOCS") == "1":
+        DOC.write_text(text)
+    assert DOC.read_text() == text, (
+        "docs/reliability.md is out of date: regenerate it with "
+        "XORWEIGHTS_WRITE_DOCS=1 .venv/bin/python -m pytest tests/test_reliability_doc.py"
+    )
+
+
+def test_cases_are_unique() -> None:
+    assert len({c.what for c in CASES}) == len(CASES)
