@@ -518,7 +518,10 @@ def test_encode_folder_without_safetensors(pair: Pair, tmp_path: Path) -> None:
     (folder / "config.json").write_text("{}")
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x02")
     r = run("encode", folder, "--base", pair.base, "-o", tmp_path / "delta")
-    assert_error(r, 1, f"{folder}: no *.safetensors weights (found pytorch_model.bin)", hint="convert .bin weights")
+    assert_error(r, 1, f"{folder / 'pytorch_model.bin'}: not a readable PyTorch weights file", hint="re-download")
+    (folder / "pytorch_model.bin").rename(folder / "model.gguf")
+    r = run("encode", folder, "--base", pair.base, "-o", tmp_path / "delta")
+    assert_error(r, 1, f"{folder}: no weights xorweights can read (found model.gguf)", hint="params.json")
 
 
 def test_encode_path_that_does_not_exist(pair: Pair, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -83,8 +84,30 @@ def is_foreign_weight(relpath: str) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in FOREIGN_WEIGHT_PATTERNS)
 
 
+@dataclass(frozen=True)
+class WeightFileRef:
+    """One weight file of a checkpoint and its tensors in data order.
+
+    ``safetensors`` is set for safetensors files: their verbatim header lets
+    a delta rebuild them byte for byte. Other formats (.bin, Meta's .pth) are
+    rebuilt as safetensors files holding the same tensors.
+    """
+
+    path: Path
+    names: tuple[str, ...]
+    safetensors: SafetensorsFile | None = None
+
+
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
 class Checkpoint:
-    """A checkpoint folder (or a single safetensors file) opened for reading."""
+    """A checkpoint opened for reading: HF safetensors or .bin shards, or Meta's consolidated.*.pth.
+
+    ``path`` is a folder (or a single .safetensors / .bin file). The format is
+    detected in that order of preference, so a folder holding both safetensors
+    and .bin copies reads the safetensors.
+    """
 
     def __init__(self, path: Path) -> None:
         path = Path(path)
@@ -92,51 +115,62 @@ class Checkpoint:
             raise CheckpointError(f"{path}: no such file or folder", "check the path")
         self.is_folder = path.is_dir()
         self.root = path if self.is_folder else path.parent
-        self.files = [SafetensorsFile(p) for p in self._weight_paths(path)]
         self.tensors: dict[str, TensorRef] = {}
-        for f in self.files:
-            for info in f.tensors:
-                if info.name in self.tensors:
-                    raise CheckpointError(
-                        f"{f.path}: tensor {info.name!r} is also in {self.tensors[info.name].where}",
-                        "the folder holds two copies of the weights; keep one set of shards",
-                    )
-                self.tensors[info.name] = TensorRef(
-                    info.name, info.dtype, info.shape, _SafetensorsSource(f, info), str(f.path)
-                )
+        self.weight_files: list[WeightFileRef] = []
+        self._closers: list[Callable[[], None]] = []
+        self.format = self._open(path)
         if self.is_folder:
             self._check_index(path)
 
-    @staticmethod
-    def _weight_paths(path: Path) -> list[Path]:
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                raise CheckpointError(f"{path}: expected a .safetensors file, found {path.suffix or 'no suffix'}")
-            return [path]
-        index = path / SAFETENSORS_INDEX
-        if index.is_file():
-            shards = sorted(set(_read_index(index).values()))
-            missing = [s for s in shards if not (path / s).exists() and not (path / s).is_symlink()]
-            if missing:
+    def _add(self, path: Path, refs: list[TensorRef], st: SafetensorsFile | None = None) -> None:
+        for ref in refs:
+            if ref.name in self.tensors:
                 raise CheckpointError(
-                    f"{index}: names shard {missing[0]}, which is not in {path}",
-                    "download every shard the index lists, or remove the stale index",
+                    f"{path}: tensor {ref.name!r} is also in {self.tensors[ref.name].where}",
+                    "the folder holds two copies of the weights; keep one set of shards",
                 )
-            return [path / s for s in shards]
-        found = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
-        if not found:
-            others = sorted(p.name for p in path.iterdir() if is_foreign_weight(p.name))
-            extra = f" (found {', '.join(others[:3])})" if others else ""
-            raise CheckpointError(
-                f"{path}: no *.safetensors weights{extra}",
-                "point at a folder holding model.safetensors or its shards; "
-                "convert .bin weights with `safetensors` first",
-            )
-        return found
+            self.tensors[ref.name] = ref
+        self.weight_files.append(WeightFileRef(path, tuple(r.name for r in refs), st))
+
+    def _open(self, path: Path) -> str:
+        paths = _weight_paths(path, SAFETENSORS_INDEX, "*.safetensors")
+        if paths:
+            for p in paths:
+                f = SafetensorsFile(p)
+                self._closers.append(f.close)
+                refs = [TensorRef(i.name, i.dtype, i.shape, _SafetensorsSource(f, i), str(p)) for i in f.tensors]
+                self._add(p, refs, f)
+            return "safetensors"
+        paths = _weight_paths(path, BIN_INDEX, "pytorch_model*.bin")
+        if paths:
+            from .torch_pickle import open_pickle  # torch is needed only for pickled weights
+
+            for p in paths:
+                refs, close = open_pickle(p)
+                self._closers.append(close)
+                self._add(p, refs)
+            return "bin"
+        try:
+            from . import meta_llama
+        except ImportError:  # being written in parallel; until then, no Meta support
+            meta_llama = None  # type: ignore[assignment]
+        if meta_llama is not None and self.is_folder and meta_llama.is_meta_checkpoint(path):
+            tensors, close = meta_llama.open_meta(path)
+            self._closers.append(close)
+            first = sorted(path.glob("consolidated.*.pth"))[0]
+            self._add(first, list(tensors.values()))
+            return "meta"
+        others = sorted(p.name for p in path.iterdir() if is_foreign_weight(p.name)) if self.is_folder else []
+        extra = f" (found {', '.join(others[:3])})" if others else ""
+        raise CheckpointError(
+            f"{path}: no weights xorweights can read{extra}",
+            "point at a folder of model*.safetensors or pytorch_model*.bin shards, "
+            "or at Meta's folder with params.json and consolidated.*.pth",
+        )
 
     def _check_index(self, path: Path) -> None:
-        index = path / SAFETENSORS_INDEX
-        if not index.is_file():
+        index = path / (SAFETENSORS_INDEX if self.format == "safetensors" else BIN_INDEX)
+        if not index.is_file() or self.format == "meta":
             return
         for name, shard in _read_index(index).items():
             ref = self.tensors.get(name)
@@ -150,7 +184,7 @@ class Checkpoint:
         """Files below the root other than the weights read, as relative POSIX paths."""
         if not self.is_folder:
             return []
-        weights = {f.path.name for f in self.files}
+        weights = {f.path.name for f in self.weight_files}
         out = []
         for p in sorted(self.root.rglob("*")):
             rel = p.relative_to(self.root)
@@ -161,14 +195,32 @@ class Checkpoint:
         return out
 
     def close(self) -> None:
-        for f in self.files:
-            f.close()
+        for close in self._closers:
+            close()
+        self._closers.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _weight_paths(path: Path, index_name: str, pattern: str) -> list[Path]:
+    """The weight files of one format: a single file, the shards an index names, or a glob."""
+    if path.is_file():
+        return [path] if path.suffix == pattern[pattern.rindex(".") :] else []
+    index = path / index_name
+    if index.is_file():
+        shards = sorted(set(_read_index(index).values()))
+        missing = [s for s in shards if not (path / s).exists() and not (path / s).is_symlink()]
+        if missing:
+            raise CheckpointError(
+                f"{index}: names shard {missing[0]}, which is not in {path}",
+                "download every shard the index lists, or remove the stale index",
+            )
+        return [path / s for s in shards]
+    return sorted(p for p in path.glob(pattern) if not p.name.startswith("."))
 
 
 def _read_index(index: Path) -> dict[str, str]:

@@ -23,23 +23,28 @@ def scan(path: Path, progress: bool = False) -> Checksums:
     """Checksums of every tensor and every file of the checkpoint at ``path``."""
     sums = Checksums()
     with Checkpoint(Path(path)) as ckpt:
-        bar = byte_bar(sum(f.size for f in ckpt.files), "checksum", progress)
-        for f in ckpt.files:
+        bar = byte_bar(sum(ckpt.tensors[n].nbytes for f in ckpt.weight_files for n in f.names), "checksum", progress)
+        for f in ckpt.weight_files:
+            # A safetensors file is read once: its bytes feed the file's sha256 and every tensor's xxh3.
             file_hash = hashlib.sha256()
-            with f.path.open("rb") as fh:
-                file_hash.update(fh.read(f.data_start))
-            for info in f.tensors:
+            if f.safetensors is not None:
+                with f.path.open("rb") as fh:
+                    file_hash.update(fh.read(f.safetensors.data_start))
+            for name in f.names:
+                ref = ckpt.tensors[name]
                 h = new_tensor_hash()
-                for lo in range(0, info.nbytes, DEFAULT_FRAME_BYTES):
-                    hi = min(lo + DEFAULT_FRAME_BYTES, info.nbytes)
-                    chunk = f.read(info, lo, hi)
+                for lo in range(0, ref.nbytes, DEFAULT_FRAME_BYTES):
+                    hi = min(lo + DEFAULT_FRAME_BYTES, ref.nbytes)
+                    chunk = ref.source.read(lo, hi)
                     h.update(chunk)
-                    file_hash.update(chunk)
-                    f.release(info, lo, hi)
+                    if f.safetensors is not None:
+                        file_hash.update(chunk)
+                    ref.source.release(lo, hi)
                     bar.update(hi - lo)
-                sums.tensors[info.name] = TensorSum(info.dtype, info.shape, h.hexdigest())
-            name = f.path.relative_to(ckpt.root).as_posix()
-            sums.files[name] = FileSum(f.size, file_hash.hexdigest())
+                sums.tensors[name] = TensorSum(ref.dtype, ref.shape, h.hexdigest())
+            if ckpt.format != "meta":  # Meta's shards are not files of the converted checkpoint
+                digest = file_hash.hexdigest() if f.safetensors is not None else sha256_file(f.path)
+                sums.files[f.path.relative_to(ckpt.root).as_posix()] = FileSum(f.path.stat().st_size, digest)
         bar.close()
         for rel in ckpt.other_files():
             if rel == CHECKSUMS_NAME:

@@ -53,7 +53,7 @@ class EncodeResult:
 
 def _fingerprint(plan: FilePlan, compression: str, frame_bytes: int) -> dict[str, object]:
     """What must not have changed for a finished data file to be reused on resume."""
-    stats = {str(plan.source.path): plan.source.path.stat()}
+    stats = {str(plan.source): plan.source.stat()}
     for t in plan.tensors:
         if t.base is not None:
             where = Path(t.base.where)
@@ -84,7 +84,6 @@ class _Encoder:
         self.bar = bar
 
     def encode_file(self, plan: FilePlan) -> WeightFile:
-        src = plan.source
         tensors = plan.tensors
         streams = [BaseStream(t.base, t.target.dtype, t.xor_bytes) if t.base else None for t in tensors]
         frames = [
@@ -106,8 +105,7 @@ class _Encoder:
             chunk[k:] = raw[k:]
             return raw, base, self.codec.encode(chunk, target.itemsize, buffers[1]), buffers
 
-        with src.path.open("rb") as f:
-            file_hash = hashlib.sha256(f.read(src.data_start))
+        file_hash = hashlib.sha256(plan.prefix)
         target_hashes = [new_tensor_hash() for _ in tensors]
         sizes: list[list[tuple[int, int]]] = [[] for _ in tensors]
         writer = AtomicWriter(self.delta / plan.data_file)
@@ -129,7 +127,7 @@ class _Encoder:
             )
             writer.commit()
         return WeightFile(
-            src.path.name, src.size, file_hash.hexdigest(), src.header_bytes.decode(), plan.data_file, entries
+            plan.name, plan.size, file_hash.hexdigest(), plan.prefix[8:].decode(), plan.data_file, entries
         )
 
 
@@ -212,7 +210,10 @@ def encode(
                 weight_files.append(done)
             bar.close()
             for of in plan.other_files:
-                if of.mode == "ship":
+                if of.name in plan.generated:
+                    refuse_links(delta, delta / SHIPPED_DIR / of.name)
+                    write_atomic(delta / SHIPPED_DIR / of.name, plan.generated[of.name])
+                elif of.mode == "ship":
                     _ship(ft.root / of.name, delta, of)
             manifest = Manifest(
                 BaseRef(

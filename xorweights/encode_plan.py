@@ -8,15 +8,18 @@ tested without touching disk.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .checkpoint import Checkpoint, TensorRef, is_foreign_weight
+from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, TensorRef, WeightFileRef, is_foreign_weight
 from .dtypes import can_cast
 from .kernel import sha256_file
 from .manifest import DATA_SUFFIX, OtherFile
 from .renames import base_name_map
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import build_header
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,21 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class FilePlan:
-    source: SafetensorsFile
+    """One output safetensors file: its name, the bytes before its data, and its tensors in order.
+
+    For a safetensors source the prefix is its own header, so decode rebuilds
+    the file byte for byte; other sources get a header built here.
+    """
+
+    name: str
+    prefix: bytes  # 8-byte length + JSON header
+    source: Path  # the file the tensors come from, for resume fingerprints
     data_file: str
     tensors: tuple[TensorPlan, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + sum(t.target.nbytes for t in self.tensors)
 
 
 @dataclass
@@ -45,6 +60,7 @@ class EncodePlan:
     other_files: list[OtherFile]
     not_shipped: list[str] = field(default_factory=list)  # weight files in other formats, excluded files
     aliases: dict[str, str] = field(default_factory=dict)  # shipped file -> base file with the same bytes
+    generated: dict[str, bytes] = field(default_factory=dict)  # files made by encode and shipped (a new index)
 
     def tensors(self) -> list[TensorPlan]:
         return [t for f in self.weight_files for t in f.tensors]
@@ -84,9 +100,18 @@ def plan_encode(
         return ref
 
     files = []
-    for i, f in enumerate(finetuned.files, 1):
-        tensors = tuple(plan_tensor(finetuned.tensors[t.name], counterpart(t.name)) for t in f.tensors)
-        files.append(FilePlan(f, f"tensors-{i:05d}{DATA_SUFFIX}", tensors))
+    count = len(finetuned.weight_files)
+    for i, f in enumerate(finetuned.weight_files, 1):
+        tensors = tuple(plan_tensor(finetuned.tensors[n], counterpart(n)) for n in f.names)
+        if f.safetensors is not None:
+            name, prefix = f.path.name, _prefix_of(f)
+        else:
+            name = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            prefix, _ = build_header(
+                [(t.target.name, t.target.dtype, t.target.shape) for t in tensors], {"format": "pt"}
+            )
+        files.append(FilePlan(name, prefix, f.path, f"tensors-{i:05d}{DATA_SUFFIX}", tensors))
+    generated = _converted_index(files) if finetuned.format != "safetensors" else {}
     base_digests: dict[str, set[str]] = {}
     for rel in base.other_files():
         base_digests.setdefault(sha256_file(base.root / rel), set()).add(rel)
@@ -96,6 +121,9 @@ def plan_encode(
     for rel in finetuned.other_files():
         if any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], g) for g in exclude):
             not_shipped.append(f"{rel} (excluded)")
+            continue
+        if rel == BIN_INDEX and finetuned.format == "bin":
+            not_shipped.append(f"{rel} (the delta rebuilds the weights as safetensors)")
             continue
         if is_foreign_weight(rel):
             not_shipped.append(f"{rel} (weights in a format the delta does not carry)")
@@ -107,4 +135,22 @@ def plan_encode(
         if twins and mode == "ship":
             aliases[rel] = min(twins)
         others.append(OtherFile(rel, path.stat().st_size, digest, mode))
-    return EncodePlan(files, others, not_shipped, aliases)
+    for rel, data in generated.items():
+        others.append(OtherFile(rel, len(data), hashlib.sha256(data).hexdigest(), "ship"))
+    return EncodePlan(files, others, not_shipped, aliases, generated)
+
+
+def _prefix_of(f: WeightFileRef) -> bytes:
+    assert f.safetensors is not None
+    with f.path.open("rb") as fh:
+        return fh.read(f.safetensors.data_start)
+
+
+def _converted_index(files: list[FilePlan]) -> dict[str, bytes]:
+    """A model.safetensors.index.json for weights rebuilt from another format, when sharded."""
+    if len(files) < 2:
+        return {}
+    weight_map = {t.target.name: f.name for f in files for t in f.tensors}
+    total = sum(t.target.nbytes for f in files for t in f.tensors)
+    doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    return {SAFETENSORS_INDEX: (json.dumps(doc, indent=2) + "\n").encode()}
