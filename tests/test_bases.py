@@ -115,3 +115,16 @@ def test_a_bin_state_dict_that_is_not_flat_is_refused(pair, tmp_path):
     r = run("checksum", folder, "-o", tmp_path / "sums.json")
     assert r.exit_code == 1
     assert "expected a flat dict of tensor names to tensors" in r.stderr
+
+
+def test_a_fine_tune_whose_every_name_carries_a_wrapper_prefix_is_mapped_automatically(tmp_path):
+    base_tensors = make_base(SPEC)
+    wrapped = {f"base_model.model.{n}": t for n, t in make_finetune(base_tensors, extra=False).items()}
+    base = write_checkpoint(tmp_path / "base", base_tensors, files=side_files(SPEC))
+    ft = write_checkpoint(tmp_path / "ft", wrapped, files=side_files(SPEC))
+    r = run("encode", ft, "--base", base, "-o", tmp_path / "delta")
+    assert r.exit_code == 0, r.stderr
+    assert "names mapped automatically with --rename '^=base_model.model.'" in r.stdout
+    assert xorweights.inspect(tmp_path / "delta").tensors_xored == len(wrapped)
+    xorweights.decode(tmp_path / "delta", base, tmp_path / "out")
+    assert files_digest(tmp_path / "out") == files_digest(ft)

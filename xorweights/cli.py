@@ -173,6 +173,8 @@ def encode(
         click.echo(f"  not shipped: {line}")
     for name, twin in result.exposure.aliases.items():
         click.echo(f"  warning: {name} is byte-identical to the base's {twin}")
+    for rule in result.plan.auto_renames:
+        click.echo(f"  names mapped automatically with --rename '{rule}'")
 
 
 def _echo_plan(result: EncodeResult) -> None:
@@ -182,7 +184,11 @@ def _echo_plan(result: EncodeResult) -> None:
     click.echo(
         f"plan: {len(xored)} of {len(tensors)} tensors XORed against the base, in {len(result.plan.weight_files)} files"
     )
-    for t in renamed:
+    for rule in result.plan.auto_renames:
+        click.echo(
+            f"  names: every fine-tune tensor pairs with a base tensor through --rename '{rule}', applied automatically"
+        )
+    for t in renamed if not result.plan.auto_renames else []:
         click.echo(f"  {t.target.name} <- base {t.base.name if t.base else ''}")
     for line in report_lines(result.exposure):
         click.echo(line)

@@ -18,7 +18,7 @@ from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, TensorRef, Wei
 from .dtypes import can_cast
 from .kernel import sha256_file
 from .manifest import DATA_SUFFIX, OtherFile
-from .renames import base_name_map
+from .renames import auto_renames, base_name_map
 from .safetensors_io import build_header
 
 
@@ -61,6 +61,7 @@ class EncodePlan:
     not_shipped: list[str] = field(default_factory=list)  # weight files in other formats, excluded files
     aliases: dict[str, str] = field(default_factory=dict)  # shipped file -> base file with the same bytes
     generated: dict[str, bytes] = field(default_factory=dict)  # files made by encode and shipped (a new index)
+    auto_renames: list[str] = field(default_factory=list)  # a prefix mapping found on its own, to report
 
     def tensors(self) -> list[TensorPlan]:
         return [t for f in self.weight_files for t in f.tensors]
@@ -91,7 +92,8 @@ def plan_encode(
     Each fine-tune tensor pairs with the base tensor of the same name or,
     failing that, with the base tensor that ``renames`` map onto its name.
     """
-    renamed = base_name_map(base.tensors, list(renames))
+    automatic = [] if renames else auto_renames(finetuned.tensors, base.tensors)
+    renamed = base_name_map(base.tensors, list(renames) or automatic)
 
     def counterpart(name: str) -> TensorRef | None:
         ref = base.tensors.get(name)
@@ -137,7 +139,7 @@ def plan_encode(
         others.append(OtherFile(rel, path.stat().st_size, digest, mode))
     for rel, data in generated.items():
         others.append(OtherFile(rel, len(data), hashlib.sha256(data).hexdigest(), "ship"))
-    return EncodePlan(files, others, not_shipped, aliases, generated)
+    return EncodePlan(files, others, not_shipped, aliases, generated, automatic)
 
 
 def _prefix_of(f: WeightFileRef) -> bytes:

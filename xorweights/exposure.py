@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from .checkpoint import Checkpoint, TensorRef
 from .encode_plan import EncodePlan
 from .errors import UnprotectedError
+from .renames import KNOWN_PREFIXES
 from .sizes import human_bytes
 
 DEFAULT_MAX_UNPROTECTED_PCT = 1.0
-
-# Prefixes that the same architecture carries or drops depending on the library.
-KNOWN_PREFIXES = ("model.", "transformer.", "base_model.model.", "module.", "model.model.")
 
 
 @dataclass(frozen=True)

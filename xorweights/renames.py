@@ -42,3 +42,26 @@ def base_name_map(base_names: Iterable[str], renames: list[str]) -> dict[str, st
             )
         mapped[new] = name
     return mapped
+
+
+# Prefixes that the same architecture carries or drops depending on the library.
+KNOWN_PREFIXES = ("model.", "transformer.", "base_model.model.", "module.", "model.model.")
+
+
+def auto_renames(target_names: Iterable[str], base_names: Iterable[str]) -> list[str]:
+    """The rename that pairs *every* fine-tune tensor through one known prefix, if there is one.
+
+    Only a whole-model convention difference is mapped automatically (a
+    fine-tune saved inside a wrapper that prefixes every name, say); anything
+    partial is left to an explicit --rename, because a wrong guess would
+    publish weights in the clear.
+    """
+    targets, bases = set(target_names), set(base_names)
+    if not targets or targets <= bases:
+        return []
+    for p in KNOWN_PREFIXES:
+        if all(n.startswith(p) and n[len(p) :] in bases for n in targets):
+            return [f"^={p}"]
+        if all(p + n in bases for n in targets):
+            return [f"^{re.escape(p)}="]
+    return []
