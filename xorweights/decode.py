@@ -161,9 +161,15 @@ def plan_decode(
     base_files = set(base.other_files())
     for of in manifest.other_files:
         if of.mode == "reference" and of.name not in base_files:
+            where_from = (
+                "Meta's original files do not include it: it comes with the Hugging Face version of the base "
+                "(its config and tokenizer files); copy it"
+                if base.format == "meta"
+                else f"copy {of.name} from the base model's original release"
+            )
             missing = BaseMismatchError(
                 f"{base.root}: missing {of.name}, which this delta takes from the base",
-                f"copy {of.name} from the base model's original release into {base.root}",
+                f"{where_from} into {base.root}",
             )
             if problems is None:
                 raise missing
