@@ -311,5 +311,131 @@ def demo(keep: Path | None) -> None:
     run_demo(keep, click.echo)
 
 
+def _legacy_options(fn: F) -> F:
+    """The md5-list options shared by decode-legacy and migrate."""
+    options = [
+        click.option(
+            "--checksums", metavar="NAME", help="Release folder under checksums/ (found from file names if omitted)."
+        ),
+        click.option("--base-md5", type=click.Path(path_type=Path), help="md5sum list of the base files."),
+        click.option("--out-md5", type=click.Path(path_type=Path), help="md5sum list of the decoded files."),
+        click.option("--no-check", is_flag=True, help="Do not check the base files before decoding."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _echo_legacy(result: Any, quiet: bool) -> None:
+    """Warnings always (on stderr), then what was checked and written unless quiet."""
+    for line in result.warnings:
+        click.echo(f"xorweights: warning: {line}", err=True)
+    if quiet:
+        return
+    if result.base_list:
+        click.echo(f"base checked: {len(result.base_checked)} files match {result.base_list}")
+    checked = f"every file matches {result.out_list}" if result.out_list else "not checked"
+    if result.out_list and result.unchecked:
+        checked = f"checked against {result.out_list}, except {len(result.unchecked)} it does not list"
+    click.echo(
+        f"decoded {result.out}: {len(result.written)} files written, {len(result.skipped)} already done; {checked}"
+    )
+
+
+@main.command("decode-legacy")
+@click.argument("payload", type=click.Path(path_type=Path))
+@click.option("--base", "base", required=True, type=click.Path(path_type=Path), help="The exact base files.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="The folder to decode into.")
+@_legacy_options
+@quiet_option
+@translate_errors
+def decode_legacy(
+    payload: Path,
+    base: Path,
+    out: Path,
+    checksums: str | None,
+    base_md5: Path | None,
+    out_md5: Path | None,
+    no_check: bool,
+    quiet: bool,
+) -> None:
+    """Decode a whole-file XOR release made with OpenAssistant's xor_codec.py.
+
+    The base files are checked against the release's published md5 list
+    before anything is written, and every decoded file against the output
+    list before it gets its final name. A second run resumes.
+    """
+    from .legacy import decode_legacy as decode_legacy_api
+
+    result = decode_legacy_api(
+        payload, base, out, base_md5, out_md5, checksums=checksums, check=not no_check, progress=not quiet
+    )
+    _echo_legacy(result, quiet)
+
+
+@main.command()
+@click.argument("payload", type=click.Path(path_type=Path))
+@click.option("--base", "base", required=True, type=click.Path(path_type=Path), help="The exact base files.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="The delta folder to write.")
+@_legacy_options
+@click.option("--base-description", default="", help="How downloaders get the base, in words.")
+@click.option(
+    "--max-unprotected",
+    type=click.FloatRange(0, 100),
+    default=DEFAULT_MAX_UNPROTECTED_PCT,
+    show_default=True,
+    metavar="PCT",
+    help="Refuse when more than PCT% of tensor bytes would be stored in the clear.",
+)
+@click.option("--allow-unprotected", is_flag=True, help="Publish unprotected tensor bytes anyway.")
+@jobs_option
+@quiet_option
+@translate_errors
+def migrate(
+    payload: Path,
+    base: Path,
+    out: Path,
+    checksums: str | None,
+    base_md5: Path | None,
+    out_md5: Path | None,
+    no_check: bool,
+    base_description: str,
+    max_unprotected: float,
+    allow_unprotected: bool,
+    jobs: int | None,
+    quiet: bool,
+) -> None:
+    """Turn a whole-file XOR release into a per-tensor delta against the same base (for releasers).
+
+    Anyone who holds the exact base files can run this once; downloaders of
+    the new delta then need only the same tensors, not the same file bytes.
+    """
+    from .legacy import migrate as migrate_api
+
+    result = migrate_api(
+        payload,
+        base,
+        out,
+        base_md5,
+        out_md5,
+        checksums=checksums,
+        check=not no_check,
+        base_description=base_description,
+        max_unprotected=max_unprotected,
+        allow_unprotected=allow_unprotected,
+        progress=not quiet,
+        jobs=jobs,
+    )
+    _echo_legacy(result.legacy, quiet)
+    if quiet:
+        return
+    saved = result.saved_bytes
+    change = f"{human_bytes(saved)} smaller" if saved >= 0 else f"{human_bytes(-saved)} larger"
+    click.echo(
+        f"wrote {out}: per-tensor delta of {human_bytes(result.delta_bytes)} against the legacy payload's "
+        f"{human_bytes(result.legacy_bytes)} ({change})"
+    )
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,553 @@
+"""Decode releases made with OpenAssistant's whole-file ``xor_codec.py``, and migrate them.
+
+That codec XORs every top-level file of the payload folder with the base file
+of the same name, whole file, byte for byte:
+
+- where the base is shorter, it is padded with zero bytes, so the payload's
+  bytes past the end of the base are the fine-tune's bytes in the clear;
+- where the base is longer, only its first ``len(payload)`` bytes are used;
+- a gzip payload (made with ``--compress``) is XORed as its decompressed stream;
+- a payload file with no counterpart in the base (``added_tokens.json``) is
+  copied as it is; the codec printed a warning for it that users were told to expect.
+
+The codec checked nothing. Its releases came with md5 lists, committed under
+``checksums/NAME/`` in this repository: ``NAME.md5`` for the decoded output
+and one list of the base files the payload is XORed with. :func:`decode_legacy`
+checks the base against its list before writing anything and every output
+file against its list before giving it its final name. Because the XOR is
+whole-file, only a base that is identical byte for byte decodes: the same
+tensors pickled by another library version do not. :func:`migrate` turns such
+a release into a per-tensor delta once, so that downloaders need only the
+same tensors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import re
+import shutil
+import zlib
+from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from .atomic import AtomicWriter, output_error, refuse_links, refuse_overlap, remove_partials
+from .encode import EncodeResult, encode
+from .errors import BaseMismatchError, InputFileError, OutputError, UsageError, VerifyFailed
+from .exposure import DEFAULT_MAX_UNPROTECTED_PCT
+from .kernel import xor_into
+from .locks import FolderLock
+from .manifest import MANIFEST_NAME
+from .progress import byte_bar
+
+CHECKSUMS_DIR = Path(__file__).resolve().parents[1] / "checksums"
+DEFAULT_CHUNK_BYTES = 16 << 20
+# gzip's magic number plus its only compression method (deflate). The third
+# byte makes a false match on a plain payload, whose first bytes are the XOR of
+# two files of the same kind (and so mostly zero), even less likely.
+GZIP_MAGIC = b"\x1f\x8b\x08"
+_MD5_LINE = re.compile(r"^(?P<md5>[0-9a-fA-F]{32}) [ *](?P<name>.+)$")
+
+
+# ------------------------------------------------------------------ md5 lists
+
+
+@dataclass(frozen=True)
+class Md5List:
+    """An md5sum-format list: ``<md5>  <name>`` per line."""
+
+    path: Path
+    sums: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        """How messages name the list: relative to the repository when it is one of ours."""
+        try:
+            return self.path.resolve().relative_to(CHECKSUMS_DIR.parent).as_posix()
+        except ValueError:
+            return str(self.path)
+
+
+def read_md5_list(path: str | Path) -> Md5List:
+    """Parse an md5sum-format file; blank lines and ``#`` comments are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such md5 list", "check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path}: cannot read the md5 list ({exc})") from None
+    sums: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = _MD5_LINE.match(line.rstrip("\r"))
+        if m is None:
+            raise InputFileError(
+                f"{path}: line {number} is not '<md5>  <name>'", "give a list in the format `md5sum` writes"
+            )
+        sums[m["name"]] = m["md5"].lower()
+    if not sums:
+        raise InputFileError(f"{path}: the md5 list names no files", "give a list in the format `md5sum` writes")
+    return Md5List(path, sums)
+
+
+def published_releases() -> list[str]:
+    """Names of the folders under ``checksums/`` that hold a legacy release's lists."""
+    if not CHECKSUMS_DIR.is_dir():
+        return []
+    return sorted(d.name for d in CHECKSUMS_DIR.iterdir() if (d / f"{d.name}.md5").is_file())
+
+
+def published_lists(name: str) -> tuple[Md5List, Md5List]:
+    """The (base, output) md5 lists of the release ``checksums/NAME``.
+
+    The output list is ``NAME.md5``. The base list is the other list in the
+    folder that shares the most file names with it: the payload is XORed with
+    base files of the same names (a list of some other input, such as Meta's
+    ``consolidated.*.pth``, shares none).
+    """
+    folder = CHECKSUMS_DIR / name
+    if name not in published_releases():
+        known = ", ".join(published_releases()) or f"none: {CHECKSUMS_DIR} is missing"
+        raise UsageError(
+            f"--checksums {name}: no such release under {CHECKSUMS_DIR}",
+            f"use one of: {known}; or pass --base-md5 FILE and --out-md5 FILE",
+        )
+    out = read_md5_list(folder / f"{name}.md5")
+    others = [read_md5_list(p) for p in sorted(folder.glob("*.md5")) if p.name != f"{name}.md5"]
+    ranked = sorted(others, key=lambda lst: len(lst.sums.keys() & out.sums.keys()), reverse=True)
+    if not ranked or not ranked[0].sums.keys() & out.sums.keys():
+        raise InputFileError(
+            f"{folder}: holds no md5 list of the base files (one that shares file names with {out.path.name})",
+            "add the published md5 list of the base to that folder, or pass --base-md5 FILE",
+        )
+    return ranked[0], out
+
+
+def detect_release(payload_names: Iterable[str]) -> str | None:
+    """The release under ``checksums/`` whose output list names only files the payload holds.
+
+    Every decoded file comes from the payload file of the same name, so the
+    payload of a release holds every name of its output list (and maybe a
+    README or .gitattributes besides).
+    """
+    names = set(payload_names)
+    found = [r for r in published_releases() if read_md5_list(CHECKSUMS_DIR / r / f"{r}.md5").sums.keys() <= names]
+    if len(found) > 1:
+        raise UsageError(
+            f"the payload's files match the md5 lists of several releases: {', '.join(found)}",
+            "choose one with --checksums NAME",
+        )
+    return found[0] if found else None
+
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class LegacyFile:
+    """One output file: which payload file, XORed with which base file, and what md5 it must have."""
+
+    name: str
+    payload: Path
+    base: Path | None  # None: no counterpart in the base, copied as is
+    gzip: bool  # XOR the decompressed stream of the payload
+    expected_md5: str | None
+
+
+@dataclass
+class LegacyResult:
+    out: Path
+    release: str | None  # the folder under checksums/ used, if any
+    base_list: str | None  # label of the md5 list the base was checked against
+    out_list: str | None  # label of the md5 list the output was checked against
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already in OUT with the published md5 (resume)
+    copied: list[str] = field(default_factory=list)  # no counterpart in the base: copied as is
+    ignored: list[str] = field(default_factory=list)  # subfolders of the payload, which the codec never read
+    base_checked: list[str] = field(default_factory=list)  # base files that match their published md5
+    unchecked: list[str] = field(default_factory=list)  # written files that no output list names
+    payload_bytes: int = 0  # the whole payload on disk
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+
+
+def plan_legacy(payload: Path, base: Path, out_list: Md5List | None) -> tuple[list[LegacyFile], list[str]]:
+    """Every top-level file of ``payload`` as a :class:`LegacyFile`; also the names of skipped subfolders."""
+    if not payload.is_dir():
+        raise InputFileError(f"{payload}: no such folder", "point at the folder of the release's XOR files")
+    if not base.is_dir():
+        raise InputFileError(f"{base}: no such folder", "point at the folder of the base files the release needs")
+    files, ignored = [], []
+    for p in sorted(payload.iterdir()):
+        if p.is_dir():
+            ignored.append(p.name)
+            continue
+        if not p.is_file():
+            continue
+        counterpart = base / p.name
+        if counterpart.is_dir():
+            raise InputFileError(
+                f"{counterpart}: is a folder, but the payload holds a file {p.name} to XOR with it",
+                "point --base at the folder of the base files the release needs",
+            )
+        expected = out_list.sums.get(p.name) if out_list else None
+        if counterpart.is_file():
+            files.append(LegacyFile(p.name, p, counterpart, _is_gzip(p), expected))
+        else:  # copied byte for byte, as the codec copied added_tokens.json, even if it looks like gzip
+            files.append(LegacyFile(p.name, p, None, False, expected))
+    if not files:
+        raise InputFileError(f"{payload}: holds no files", "point at the folder of the release's XOR files")
+    if out_list is not None:
+        missing = sorted(out_list.sums.keys() - {f.name for f in files})
+        if missing:
+            raise InputFileError(
+                f"{payload}: lacks {', '.join(missing)}, which {out_list.label} lists",
+                "download every XOR file of the release into that folder",
+            )
+    return files, ignored
+
+
+def _lists(
+    payload_names: list[str], checksums: str | None, base_md5: str | Path | None, out_md5: str | Path | None
+) -> tuple[str | None, Md5List | None, Md5List | None]:
+    """(release name, base list, output list) from the options, or found by the payload's file names."""
+    if checksums is not None and (base_md5 is not None or out_md5 is not None):
+        raise UsageError("--checksums cannot be combined with --base-md5 or --out-md5", "pass one or the other")
+    if base_md5 is not None or out_md5 is not None:
+        return (
+            None,
+            read_md5_list(base_md5) if base_md5 is not None else None,
+            read_md5_list(out_md5) if out_md5 is not None else None,
+        )
+    release = checksums or detect_release(payload_names)
+    if release is None:
+        return None, None, None
+    base_list, out_list = published_lists(release)
+    return release, base_list, out_list
+
+
+# ------------------------------------------------------------------ bytes
+
+
+def _read_full(f: io.BufferedIOBase, buf: np.ndarray) -> int:
+    """Fill ``buf`` from ``f``; fewer bytes only at the end of the stream."""
+    view = memoryview(buf)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def md5_file(path: Path, bar: tqdm | None = None) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            if bar is not None:
+                bar.update(len(block))
+    return h.hexdigest()
+
+
+def xor_file(job: LegacyFile, dst: BinaryIO, chunk_bytes: int, bar: tqdm | None = None) -> str:
+    """Write the payload XOR the base (zero-padded or truncated to the payload's length) to ``dst``; return its md5.
+
+    Memory stays at two buffers of ``chunk_bytes`` whatever the file size.
+    """
+    md5 = hashlib.md5(usedforsecurity=False)
+    data = np.empty(chunk_bytes, dtype=np.uint8)
+    key = np.empty(chunk_bytes if job.base is not None else 0, dtype=np.uint8)
+    with ExitStack() as stack:
+        raw = stack.enter_context(job.payload.open("rb"))
+        src: io.BufferedIOBase = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")) if job.gzip else raw
+        base = stack.enter_context(job.base.open("rb")) if job.base is not None else None
+        consumed = 0
+        try:
+            while n := _read_full(src, data):
+                chunk = data[:n]
+                if base is not None:
+                    m = _read_full(base, key[:n])
+                    xor_into(chunk, key[:m])
+                    if m < n:
+                        base = None  # past its end the base counts as zeros: payload bytes pass unchanged
+                dst.write(chunk)
+                md5.update(chunk)
+                if bar is not None:
+                    bar.update(raw.tell() - consumed)
+                    consumed = raw.tell()
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise InputFileError(
+                f"{job.payload}: starts like gzip but does not decompress ({exc})", "re-download this XOR file"
+            ) from None
+    return md5.hexdigest()
+
+
+# ------------------------------------------------------------------ decode
+
+
+def decode_legacy(
+    payload: str | Path,
+    base: str | Path,
+    out: str | Path,
+    base_md5: str | Path | None = None,
+    out_md5: str | Path | None = None,
+    *,
+    checksums: str | None = None,
+    check: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = False,
+) -> LegacyResult:
+    """Decode a release made with OpenAssistant's whole-file ``xor_codec.py`` into ``out``.
+
+    The md5 lists come from ``checksums`` (a folder under ``checksums/``), from
+    ``base_md5``/``out_md5`` (md5sum-format files), or, when none is given,
+    from the release under ``checksums/`` whose output list the payload's file
+    names cover. With ``check`` (the default) a base list is required and every
+    base file the payload is XORed with must match it, or
+    :class:`BaseMismatchError` names them all before anything is written.
+    Each output file is written through a partial file and gets its final name
+    only if it matches the output list (:class:`VerifyFailed` names the others).
+    Files already in ``out`` with their published md5 are skipped, so a second
+    run resumes. ``chunk_bytes`` bounds the memory: two buffers of that size.
+    """
+    payload, base, out = Path(payload), Path(base), Path(out)
+    if chunk_bytes < 1:
+        raise UsageError(f"chunk size {chunk_bytes}: must be at least 1 byte")
+    refuse_overlap(out, {"payload": payload, "base": base})
+    if not payload.is_dir():
+        raise InputFileError(f"{payload}: no such folder", "point at the folder of the release's XOR files")
+    release, base_list, out_list = _lists(_names(payload), checksums, base_md5, out_md5)
+    if check and base_list is None:
+        why = "" if out_md5 is not None else f", and no release under {CHECKSUMS_DIR} matches the payload's file names"
+        raise UsageError(
+            f"{payload}: no md5 list of the base files to check them against{why}",
+            "pass --checksums NAME or --base-md5 FILE [--out-md5 FILE]; or --no-check to decode without checking the base",
+        )
+    files, ignored = plan_legacy(payload, base, out_list)
+    result = LegacyResult(
+        out,
+        release,
+        base_list.label if base_list else None,
+        out_list.label if out_list else None,
+        ignored=ignored,
+        payload_bytes=sum(f.payload.stat().st_size for f in files),
+    )
+    done = _already_done(out, files, progress)
+    pending = [f for f in files if f.name not in done]
+    if check:
+        assert base_list is not None
+        result.base_checked = _check_base(base, base_list, pending, progress)
+    else:
+        result.warnings.append("the base files were not checked (--no-check)")
+    if out_list is None:
+        result.warnings.append("no md5 list of the output: the decoded files were not checked")
+    for name in ignored:
+        result.warnings.append(f"{name}/: a subfolder of the payload; the legacy codec decodes top-level files only")
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, out) from None
+    mismatched: list[str] = []
+    with FolderLock(out):
+        bar = byte_bar(sum(f.payload.stat().st_size for f in pending), "decode-legacy", progress)
+        for job in files:
+            if job.name in done:
+                result.skipped.append(job.name)
+                continue
+            if _write_one(job, out / job.name, chunk_bytes, bar):
+                result.written.append(job.name)
+            else:
+                mismatched.append(job.name)
+        bar.close()
+        remove_partials(out)
+    result.copied = [f.name for f in files if f.base is None and f.name in result.written]
+    for name in result.copied:
+        result.warnings.append(
+            f"{name}: no counterpart in the base, copied as is (the release's own decoder warns too)"
+        )
+    result.unchecked = [f.name for f in files if f.expected_md5 is None and f.name in result.written]
+    if out_list is not None and result.unchecked:
+        result.warnings.append(f"not in {out_list.label}, so not checked: {', '.join(result.unchecked)}")
+    if mismatched:
+        assert out_list is not None
+        why = (
+            "your base files are not the exact ones the release was made from; run without --no-check to see which"
+            if not check
+            else "the base matched its list, so these XOR files are damaged; re-download them"
+        )
+        raise VerifyFailed(
+            f"{out}: {len(mismatched)} decoded file(s) differ from {out_list.label}: {', '.join(mismatched)}; "
+            "they were not kept",
+            why,
+        )
+    return result
+
+
+def _already_done(out: Path, files: list[LegacyFile], progress: bool) -> set[str]:
+    """Names already in ``out`` with their published md5; anything else under an output name is refused."""
+    present = []
+    for job in files:
+        final = out / job.name
+        refuse_links(out, final)
+        if final.is_symlink() or final.exists():
+            if job.expected_md5 is None or not final.is_file():
+                raise _foreign(final)
+            present.append(job)
+    bar = byte_bar(sum((out / j.name).stat().st_size for j in present), "check existing", progress)
+    done = set()
+    for job in present:
+        if md5_file(out / job.name, bar) != job.expected_md5:
+            raise _foreign(out / job.name)
+        done.add(job.name)
+    bar.close()
+    return done
+
+
+def _foreign(final: Path) -> OutputError:
+    return OutputError(
+        f"{final}: already exists and is not the published decoded file",
+        "decode into a new, empty folder, or remove that file",
+    )
+
+
+def _check_base(base: Path, base_list: Md5List, files: list[LegacyFile], progress: bool) -> list[str]:
+    """Match every base file the payload needs against the published list; refuse naming all that differ."""
+    needed = [f.name for f in files if f.name in base_list.sums]
+    present = [n for n in needed if (base / n).is_file()]
+    bar = byte_bar(sum((base / n).stat().st_size for n in present), "check base", progress)
+    differ = [n for n in present if md5_file(base / n, bar) != base_list.sums[n]]
+    bar.close()
+    missing = [n for n in needed if n not in present]
+    if differ or missing:
+        names = differ + [f"{n} (missing)" for n in missing]
+        raise BaseMismatchError(
+            f"{base}: {len(names)} of {len(needed)} base files differ from the published list {base_list.label}: "
+            f"{', '.join(names)}; a whole-file XOR release decodes only from these exact files, byte for byte",
+            "a per-tensor delta made once with `xorweights migrate` by anyone who holds the exact files removes "
+            "this need: it asks only for the same tensors, not the same file bytes",
+        )
+    return present
+
+
+def _write_one(job: LegacyFile, final: Path, chunk_bytes: int, bar: tqdm) -> bool:
+    """Decode one file; give it its final name only if it has the expected md5. False if it did not."""
+    writer = AtomicWriter(final)
+    with writer as dst:
+        md5 = xor_file(job, dst, chunk_bytes, bar)
+        if job.expected_md5 is not None and md5 != job.expected_md5:
+            return False  # leaving the block uncommitted removes the partial file
+        writer.commit()
+    return True
+
+
+# ------------------------------------------------------------------ migrate
+
+
+@dataclass
+class MigrateResult:
+    delta: Path
+    legacy: LegacyResult
+    encoded: EncodeResult
+
+    @property
+    def legacy_bytes(self) -> int:
+        return self.legacy.payload_bytes
+
+    @property
+    def delta_bytes(self) -> int:
+        return self.encoded.delta_bytes
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.legacy_bytes - self.delta_bytes
+
+
+def decoded_folder(delta: Path) -> Path:
+    """Where migrate decodes the legacy release: hidden, beside the delta, kept for resume until encode ends."""
+    return delta.parent / f".{delta.name}.legacy-decoded"
+
+
+def migrate(
+    payload: str | Path,
+    base: str | Path,
+    out: str | Path,
+    base_md5: str | Path | None = None,
+    out_md5: str | Path | None = None,
+    *,
+    checksums: str | None = None,
+    check: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    compress: bool = True,
+    base_description: str = "",
+    base_repo_id: str | None = None,
+    base_revision: str | None = None,
+    max_unprotected: float = DEFAULT_MAX_UNPROTECTED_PCT,
+    allow_unprotected: bool = False,
+    progress: bool = False,
+    jobs: int | None = None,
+) -> MigrateResult:
+    """Turn a whole-file XOR release into a per-tensor delta ``out`` against the same ``base``.
+
+    Decodes with :func:`decode_legacy` (same checks) into :func:`decoded_folder`
+    beside ``out``, then runs :func:`xorweights.encode` on it. The decoded
+    folder is removed once the delta is finished; after an interruption it is
+    kept and a second run resumes from it (it is started afresh when there is
+    no output list to tell finished files apart).
+    """
+    payload, base, delta = Path(payload), Path(base), Path(out)
+    if (delta / MANIFEST_NAME).exists():
+        raise OutputError(
+            f"{delta}: already holds a finished delta", "choose a new output folder or remove the old delta"
+        )
+    work = decoded_folder(delta)
+    refuse_overlap(work, {"payload": payload, "base": base})
+    if work.exists() and _lists(_names(payload), checksums, base_md5, out_md5)[2] is None:
+        shutil.rmtree(work)  # no output list to tell finished files from foreign ones: start afresh
+    legacy = decode_legacy(
+        payload,
+        base,
+        work,
+        base_md5,
+        out_md5,
+        checksums=checksums,
+        check=check,
+        chunk_bytes=chunk_bytes,
+        progress=progress,
+    )
+    if not base_description and legacy.base_list:
+        base_description = f"the base of the whole-file XOR release: the files listed in {legacy.base_list}"
+    encoded = encode(
+        work,
+        base,
+        delta,
+        compress=compress,
+        base_description=base_description,
+        base_repo_id=base_repo_id,
+        base_revision=base_revision,
+        progress=progress,
+        jobs=jobs,
+        max_unprotected=max_unprotected,
+        allow_unprotected=allow_unprotected,
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    return MigrateResult(delta, legacy, encoded)
+
+
+def _names(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
