@@ -128,3 +128,27 @@ def test_a_fine_tune_whose_every_name_carries_a_wrapper_prefix_is_mapped_automat
     assert xorweights.inspect(tmp_path / "delta").tensors_xored == len(wrapped)
     xorweights.decode(tmp_path / "delta", base, tmp_path / "out")
     assert files_digest(tmp_path / "out") == files_digest(ft)
+
+
+def test_from_metas_original_files_to_the_fine_tune_in_one_command(tmp_path):
+    from test_meta_llama import hf_tensors, spec, write_meta
+
+    s = spec()
+    hf = hf_tensors(s, "F16", kv_heads=s.heads)
+    base_tensors = {n: Tensor("F16", t.float().numpy()) for n, t in hf.items()}
+    st_base = write_checkpoint(tmp_path / "hf-base", base_tensors, files=side_files(s))
+    ft = write_checkpoint(tmp_path / "ft", make_finetune(base_tensors, extra=False, added_rows=0), files=side_files(s))
+    delta = tmp_path / "delta"
+    xorweights.encode(ft, st_base, delta)
+    meta = write_meta(tmp_path / "meta", hf, s, kv_heads=s.heads, shards=2)
+    (meta / "tokenizer.model").write_bytes(side_files(s)["tokenizer.model"])
+    # Meta's folder lacks the HF config files the delta takes from the base: decode says where they come from.
+    r = run("decode", delta, "--base", meta, "-o", tmp_path / "out")
+    assert r.exit_code == 1
+    assert "Meta's original files do not include it: it comes with the Hugging Face version of the base" in r.stderr
+    for rel, data in side_files(s).items():
+        (meta / rel).write_bytes(data)
+    r = run("decode", delta, "--base", meta, "-o", tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert files_digest(tmp_path / "out") == files_digest(ft)
+    assert xorweights.checksum(meta).tensors == xorweights.checksum(st_base).tensors

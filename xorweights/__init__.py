@@ -8,6 +8,18 @@ from .checksums import checksum, verify  # noqa: E402
 from .decode import check_base, decode  # noqa: E402
 from .encode import encode  # noqa: E402
 from .errors import XorWeightsError  # noqa: E402
+from .legacy import decode_legacy, migrate  # noqa: E402
 from .report import inspect  # noqa: E402
 
-__all__ = ["__version__", "check_base", "checksum", "decode", "encode", "inspect", "verify", "XorWeightsError"]
+__all__ = [
+    "__version__",
+    "check_base",
+    "checksum",
+    "decode",
+    "decode_legacy",
+    "encode",
+    "inspect",
+    "migrate",
+    "verify",
+    "XorWeightsError",
+]

@@ -150,11 +150,9 @@ class Checkpoint:
                 self._closers.append(close)
                 self._add(p, refs)
             return "bin"
-        try:
-            from . import meta_llama
-        except ImportError:  # being written in parallel; until then, no Meta support
-            meta_llama = None  # type: ignore[assignment]
-        if meta_llama is not None and self.is_folder and meta_llama.is_meta_checkpoint(path):
+        from . import meta_llama
+
+        if self.is_folder and meta_llama.is_meta_checkpoint(path):
             tensors, close = meta_llama.open_meta(path)
             self._closers.append(close)
             first = sorted(path.glob("consolidated.*.pth"))[0]

@@ -133,7 +133,8 @@ def plan_encode(
         path = finetuned.root / rel
         digest = sha256_file(path)
         twins = base_digests.get(digest, set())
-        mode = "reference" if rel in twins else "ship"
+        # An index describes the fine-tune's own shards: ship it, so a base in another container still decodes.
+        mode = "reference" if rel in twins and rel != SAFETENSORS_INDEX else "ship"
         if twins and mode == "ship":
             aliases[rel] = min(twins)
         others.append(OtherFile(rel, path.stat().st_size, digest, mode))
