@@ -229,7 +229,10 @@ def test_pickle_with_code_is_refused_unrun(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "words"),
-    [(b"not a torch file", "cannot be memory-mapped"), (b"PK\x03\x04 damaged zip", "not a readable PyTorch file")],
+    [
+        (b"not a torch file", "cannot be memory-mapped"),
+        (b"PK\x03\x04 damaged zip", "not a readable PyTorch weights file"),
+    ],
 )
 def test_unreadable_shard_is_refused(tmp_path, content, words):
     folder = tmp_path / "meta"

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ import numpy as np
 
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE
 from .errors import CheckpointError
-from .torch_pickle import TORCH_DTYPES, TorchTensorSource
+from .torch_pickle import TORCH_DTYPES, TorchTensorSource, load_weights
 
 if TYPE_CHECKING:
     import torch
@@ -153,51 +151,8 @@ def _read_params(path: Path) -> _Params:
 
 
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: the pickle holds more than weights ({_refusal(str(exc))}), so it was not loaded",
-            "a shard that needs more than tensors could run code and is refused; "
-            "re-download Meta's original consolidated.*.pth files",
-        ) from None
-    except RuntimeError as exc:
-        if "mmap" in str(exc):
-            raise CheckpointError(
-                f"{path}: not a zip-format torch.save file, so it cannot be memory-mapped",
-                "re-download Meta's original shards, or load and torch.save this one with torch >= 1.6",
-            ) from None
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch file ({_first_line(str(exc))})", "re-download it"
-        ) from None
-    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        # A damaged pickle surfaces as whatever the unpickler tripped on.
-        why = _first_line(str(exc)) or type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({why})", "re-download it") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(
-            f"{path}: expected a dict of tensor names to tensors, found {type(obj).__name__}", _NOT_META
-        )
-    return obj
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def _refusal(text: str) -> str:
-    """What torch's weights-only unpickler refused, in a few words, from its long message."""
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return f"it references {found.group(1)}"
-    # Past torch's boilerplate paragraphs comes the specific reason, e.g. "Unsupported operand 53".
-    for paragraph in text.split("\n\n"):
-        line = _first_line(paragraph)
-        if line and not line.startswith(("Weights only load failed", "Check the documentation")):
-            return line
-    return "refused by torch's weights-only loader"
+    weights, _ = load_weights(path, "re-download Meta's original consolidated.*.pth files", allow_unmapped=False)
+    return weights
 
 
 class _Shards:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,35 +36,59 @@ TORCH_DTYPES = {
 _libc = ctypes.CDLL(None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
 
 
-def load_weights(path: Path) -> tuple[dict[str, Any], bool]:
-    """The pickle's ``name -> tensor`` dict, and whether its storages are file-mapped."""
+def load_weights(path: Path, hint: str, allow_unmapped: bool = True) -> tuple[dict[str, Any], bool]:
+    """The pickle's flat ``name -> tensor`` dict, and whether its storages are file-mapped.
+
+    ``hint`` says where to get a good copy. Files older than torch 1.6's zip
+    format cannot be mapped: they are read whole if ``allow_unmapped``,
+    refused otherwise.
+    """
     import torch
 
     try:
         try:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            mapped = True
+            obj, mapped = torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
-            # Files saved before torch 1.6's zip format cannot be mapped; read them whole.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            mapped = False
+            if not allow_unmapped:
+                raise CheckpointError(
+                    f"{path}: not a zip-format torch.save file, so it cannot be memory-mapped",
+                    f"{hint}, or load and torch.save this one with torch >= 1.6",
+                ) from None
+            obj, mapped = torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: the pickle holds more than weights, so it is not loaded ({first})",
-            "a .bin that runs code is refused; get the weights as safetensors or as a plain state dict",
+            f"{path}: the pickle holds more than weights ({_refusal(str(exc))}), so it was not loaded",
+            f"a file that needs more than tensors could run code and is refused; {hint}",
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({why})", "re-download it") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        # A damaged pickle surfaces as whatever the unpickler tripped on.
+        why = _first_line(str(exc)) or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({why})", hint) from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(
             f"{path}: expected a flat dict of tensor names to tensors, found {type(obj).__name__}",
             "save the model's state_dict() as the weights file",
         )
     return obj, mapped
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _refusal(text: str) -> str:
+    """What torch's weights-only unpickler refused, in a few words, from its long message."""
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it references {found.group(1)}"
+    # Past torch's boilerplate paragraphs comes the specific reason, e.g. "Unsupported operand 53".
+    for paragraph in text.split("\n\n"):
+        line = _first_line(paragraph)
+        if line and not line.startswith(("Weights only load failed", "Check the documentation")):
+            return line
+    return "refused by torch's weights-only loader"
 
 
 class TorchTensorSource:
@@ -101,7 +126,7 @@ def open_pickle(path: Path) -> tuple[list[Any], Callable[[], None]]:
     """TensorRefs for every tensor of a .bin file, in the file's order, and a close function."""
     from .checkpoint import TensorRef
 
-    weights, mapped = load_weights(path)
+    weights, mapped = load_weights(path, "get the weights as safetensors, or re-download the .bin files")
     refs = []
     for name, tensor in weights.items():
         dtype = TORCH_DTYPES.get(str(tensor.dtype))
