@@ -491,18 +491,18 @@ def _gap(path: Path) -> str:
     return "tensor 'model.embed_tokens.weight' at offset 2 leaves a gap before it"
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [
-        _truncate_to_prefix,
-        _truncate_data,
-        _header_longer_than_file,
-        _invalid_json,
-        _unknown_dtype,
-        _trailing_bytes,
-        _gap,
-    ],
-)
+ENCODE_DAMAGES = [
+    _truncate_to_prefix,
+    _truncate_data,
+    _header_longer_than_file,
+    _invalid_json,
+    _unknown_dtype,
+    _trailing_bytes,
+    _gap,
+]
+
+
+@pytest.mark.parametrize("damage", ENCODE_DAMAGES)
 def test_encode_refuses_a_damaged_safetensors_file(pair: Pair, tmp_path: Path, damage: Callable[[Path], str]) -> None:
     shard = pair.finetuned / SHARD1
     needle = damage(shard)

@@ -23,16 +23,10 @@ import zstandard
 from click.testing import Result
 from conftest import run, tree_digest
 from test_errors import (
+    ENCODE_DAMAGES,
     MANIFEST,
     SHARD1,
     SHARD2,
-    _gap,
-    _header_longer_than_file,
-    _invalid_json,
-    _trailing_bytes,
-    _truncate_data,
-    _truncate_to_prefix,
-    _unknown_dtype,
     assert_error,
     edit_manifest,
     encode,
@@ -149,15 +143,7 @@ NEW_DAMAGES = [
     _duplicate_tensor_name,
 ]
 # test_errors.py applies these to encode's input only.
-ENCODE_ONLY_SO_FAR = [
-    _truncate_to_prefix,
-    _truncate_data,
-    _header_longer_than_file,
-    _invalid_json,
-    _unknown_dtype,
-    _trailing_bytes,
-    _gap,
-]
+ENCODE_ONLY_SO_FAR = ENCODE_DAMAGES
 DAMAGE_CASES = [
     pytest.param(role, damage, id=f"{role}-{damage.__name__.strip('_')}")
     for damage in NEW_DAMAGES + ENCODE_ONLY_SO_FAR

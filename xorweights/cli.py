@@ -72,6 +72,14 @@ def translate_errors(fn: F) -> F:
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries.")
+max_unprotected_option = click.option(
+    "--max-unprotected",
+    type=click.FloatRange(0, 100),
+    default=DEFAULT_MAX_UNPROTECTED_PCT,
+    show_default=True,
+    metavar="PCT",
+    help="Refuse when more than PCT% of tensor bytes would be stored in the clear.",
+)
 jobs_option = click.option(
     "--jobs", "-j", type=click.IntRange(min=1), default=None, help="Threads to use (default: one per core)."
 )
@@ -102,14 +110,7 @@ def main() -> None:
     metavar="FROM=TO",
     help="Regex mapping base tensor names onto the fine-tune's.",
 )
-@click.option(
-    "--max-unprotected",
-    type=click.FloatRange(0, 100),
-    default=DEFAULT_MAX_UNPROTECTED_PCT,
-    show_default=True,
-    metavar="PCT",
-    help="Refuse when more than PCT% of tensor bytes would be stored in the clear.",
-)
+@max_unprotected_option
 @click.option(
     "--allow-unprotected", is_flag=True, help="Publish unprotected tensor bytes anyway; recorded in the delta."
 )
@@ -379,14 +380,7 @@ def decode_legacy(
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="The delta folder to write.")
 @_legacy_options
 @click.option("--base-description", default="", help="How downloaders get the base, in words.")
-@click.option(
-    "--max-unprotected",
-    type=click.FloatRange(0, 100),
-    default=DEFAULT_MAX_UNPROTECTED_PCT,
-    show_default=True,
-    metavar="PCT",
-    help="Refuse when more than PCT% of tensor bytes would be stored in the clear.",
-)
+@max_unprotected_option
 @click.option("--allow-unprotected", is_flag=True, help="Publish unprotected tensor bytes anyway.")
 @jobs_option
 @quiet_option
