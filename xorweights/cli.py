@@ -115,6 +115,8 @@ def main() -> None:
     "--allow-unprotected", is_flag=True, help="Publish unprotected tensor bytes anyway; recorded in the delta."
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan and the unprotected report; write nothing.")
+@click.option("--push-to-hub", metavar="REPO", default=None, help="Then upload the delta to this Hub repo (org/name).")
+@click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
 @jobs_option
 @quiet_option
 @translate_errors
@@ -132,6 +134,8 @@ def encode(
     max_unprotected: float,
     allow_unprotected: bool,
     dry_run: bool,
+    push_to_hub: str | None,
+    private: bool,
     jobs: int | None,
     quiet: bool,
 ) -> None:
@@ -142,6 +146,12 @@ def encode(
     example against the wrong base), unless --allow-unprotected is given.
     Run it with --dry-run before every release.
     """
+    if private and not push_to_hub:
+        raise click.UsageError("--private applies to --push-to-hub REPO; pass both")
+    if push_to_hub:
+        from .publish import check_repo_id
+
+        check_repo_id(push_to_hub)
     result = encode_api(
         finetuned,
         base,
@@ -163,9 +173,16 @@ def encode(
         _echo_plan(result)
         enforce(result.exposure, max_unprotected, allow_unprotected)
         click.echo(f"dry run: encode would write {out}; nothing was written")
+        if push_to_hub:
+            click.echo(f"dry run: nothing was pushed to {push_to_hub}")
         return
-    if quiet:
-        return
+    if not quiet:
+        _echo_encoded(out, result)
+    if push_to_hub:
+        _push(out, push_to_hub, private)
+
+
+def _echo_encoded(out: Path, result: EncodeResult) -> None:
     assert result.manifest is not None
     s = summarize(result.manifest, result.delta_bytes)
     click.echo(f"wrote {out}: {s.tensors_xored} of {s.tensors} tensors XORed against the base")
@@ -176,6 +193,28 @@ def encode(
         click.echo(f"  warning: {name} is byte-identical to the base's {twin}")
     for rule in result.plan.auto_renames:
         click.echo(f"  names mapped automatically with --rename '{rule}'")
+
+
+def _push(delta: Path, repo_id: str, private: bool) -> None:
+    from .publish import push_to_hub
+
+    url = push_to_hub(delta, repo_id, private=private)
+    click.echo(f"pushed {delta} to {repo_id}: {url}")
+
+
+@main.command()
+@click.argument("delta", type=click.Path(path_type=Path))
+@click.argument("repo_id", metavar="REPO")
+@click.option("--private", is_flag=True, help="Create REPO as private (an existing repo keeps its visibility).")
+@translate_errors
+def push(delta: Path, repo_id: str, private: bool) -> None:
+    """Upload the finished delta folder DELTA to the Hub repo REPO (org/name), with a model card.
+
+    The card (DELTA/README.md) names the base, the decode command, the
+    expected checksums and the unprotected bytes; a README.md already in
+    DELTA is kept. The token comes from HF_TOKEN or `hf auth login`.
+    """
+    _push(delta, repo_id, private)
 
 
 def _echo_plan(result: EncodeResult) -> None:

@@ -78,3 +78,15 @@ class UnprotectedError(XorWeightsError):
     """encode would publish tensor bytes in the clear, beyond what the releaser allowed."""
 
     default_hint = "use the right base, map names with --rename FROM=TO, or pass --allow-unprotected"
+
+
+class HubError(XorWeightsError):
+    """The Hugging Face Hub refused a push or could not be reached; the delta on disk is unaffected."""
+
+    default_hint = "the delta on disk is complete; push it again with `xorweights push DELTA REPO`"
+
+
+class HubAuthError(HubError):
+    """The Hub needs a token with write access to the repository."""
+
+    default_hint = "set HF_TOKEN to a token with write access, or run `hf auth login`"

@@ -1,0 +1,230 @@
+"""publish: a model card for a delta, and one upload of the delta folder to the Hugging Face Hub.
+
+The card is generated from the manifest, so what it promises downloaders (the
+base, the checksums, the unprotected bytes) is exactly what decode checks.
+Every huggingface_hub error becomes one :class:`HubError` line whose hint says
+how to push the delta, which stays complete on disk, again.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.utils import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+    validate_repo_id,
+)
+
+from .atomic import write_atomic
+from .errors import HubAuthError, HubError, InputFileError, UsageError
+from .manifest import SHIPPED_DIR, Manifest, load_manifest
+from .report import DeltaSummary, delta_size, summarize
+
+CARD_NAME = "README.md"  # not listed in the manifest; decode ignores it
+# Encode's resume records (.xorweights/) and partial files (.NAME.xorweights-partial,
+# also under files/) are hidden, and no hidden file is part of a delta.
+IGNORE_PATTERNS = (".xorweights/*", ".*", "*/.*")
+
+# A failed connection raises the HTTP client's own error: requests' errors are
+# OSErrors, httpx's derive from the same HTTPError class that HfHubHTTPError extends.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    *(c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError" and not c.__module__.startswith("huggingface")),
+)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repository id the Hub would refuse, before any work is done."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UsageError(
+            f"{repo_id!r} is not a Hub repository id ({exc})",
+            "name the repository org/name, with letters, digits, '-', '_' and '.'",
+        ) from None
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def model_card(manifest: Manifest, summary: DeltaSummary, repo_id: str) -> str:
+    """The README.md for the Hub repository ``repo_id`` that holds this delta."""
+    base = manifest.base
+    base_arg = shlex.quote(base.repo_id) if base.repo_id else "PATH/TO/BASE"
+    lines = [
+        "---",
+        "tags:",
+        "- xorweights",
+        "- xor-delta",
+        "library_name: xorweights",
+        "---",
+        "",
+        f"# {repo_id}",
+        "",
+        "This repository holds a per-tensor XOR delta of a fine-tuned model, not a model you can load.",
+        "Each tensor of the fine-tune was XORed with the tensor of the same name in its base model,",
+        "so only someone who has that base can rebuild the fine-tune, with",
+        f"[xorweights](https://pypi.org/project/xorweights/) {summary.tool_version} or later"
+        f" (delta format {summary.format_version}).",
+        "",
+        "## The base you need",
+        "",
+        base.description,
+        "",
+    ]
+    if base.repo_id:
+        lines.append(f"- Hub repository: [{base.repo_id}](https://huggingface.co/{base.repo_id})")
+        if base.revision:
+            lines.append(f"- Revision: `{base.revision}`")
+        else:
+            lines.append("- Revision: not recorded by the releaser")
+        lines.append("")
+    lines += [
+        "Decode checks every base tensor against the checksums in `xorweights-delta.json` and stops",
+        "with the name of any tensor that differs. To check your copy of the base, writing nothing:",
+        "",
+        "```",
+        f"xorweights decode {repo_id} --base {base_arg} --check-base",
+        "```",
+        "",
+        "## Rebuild the fine-tune",
+        "",
+        "```",
+        "pip install xorweights",
+        f"xorweights decode {repo_id} --base {base_arg} -o OUT",
+        "```",
+        "",
+    ]
+    if base.repo_id:
+        lines += [f"`--base` also takes the folder of a copy of {base.repo_id} you already have.", ""]
+    else:
+        lines += ["`PATH/TO/BASE` is the folder of your copy of the base named above.", ""]
+    lines += [
+        "OUT receives the fine-tune's files, byte-identical to the releaser's. Each rebuilt file gets its",
+        "final name only after every tensor in it matched its checksum. If decode stops, run the same",
+        "command again: it resumes.",
+        "",
+        "## Expected checksums",
+        "",
+        "| File | Size (bytes) | sha256 | Comes from |",
+        "|---|---:|---|---|",
+    ]
+    lines += [f"| {_cell(f.name)} | {f.size} | `{f.sha256}` | rebuilt from the delta |" for f in manifest.weight_files]
+    for of in manifest.other_files:
+        source = "your base" if of.mode == "reference" else f"`{SHIPPED_DIR}/` in this repository"
+        lines.append(f"| {_cell(of.name)} | {of.size} | `{of.sha256}` | {source} |")
+    lines += [
+        "",
+        "To check a rebuilt copy at any time, every tensor (xxh3-128) and every file (sha256):",
+        "",
+        "```",
+        f"xorweights verify OUT --delta {repo_id}",
+        "```",
+        "",
+        "## What the base does not protect",
+        "",
+        f"{summary.exposure_line()}.",
+    ]
+    if summary.unprotected:
+        lines += [
+            "The base cannot mask tensor bytes that have no counterpart in it (rows for added tokens,",
+            "new heads, tensors whose shape or dtype does not fit), so anyone can read these in the delta:",
+            "",
+            *(f"- {line}" for line in summary.unprotected),
+        ]
+    else:
+        lines.append("Every tensor byte is XORed with the base: none is stored in the clear.")
+    shipped = ", ".join(summary.files_shipped) or "none"
+    lines += [
+        "",
+        f"Non-tensor files shipped as they are, in `{SHIPPED_DIR}/`: {shipped}.",
+        "",
+        "## License",
+        "",
+        "This delta alone contains no weights of the base model beyond the unprotected bytes listed above:",
+        "every other byte is XORed with the base and is noise without it. Rebuilding and using the",
+        "fine-tune requires the base model, and so a license to the base model.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def push_command(delta: Path, repo_id: str, private: bool) -> str:
+    """The command that pushes ``delta`` again, for hints."""
+    return f"xorweights push {shlex.quote(str(delta))} {repo_id}" + (" --private" if private else "")
+
+
+def push_to_hub(delta: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:
+    """Upload the delta folder ``delta`` to the Hub model repository ``repo_id`` in one commit.
+
+    Writes the model card to ``delta/README.md`` first, unless the folder
+    already has one (a card the releaser wrote or edited is kept; delete it to
+    regenerate). Creates the repository if it does not exist; ``private``
+    applies only then. Returns the commit URL. Hub failures raise
+    :class:`HubAuthError` or :class:`HubError`, whose hint says how to retry.
+    """
+    delta = Path(delta)
+    check_repo_id(repo_id)
+    manifest = load_manifest(delta)
+    card = delta / CARD_NAME
+    if card.is_symlink() or not card.exists():  # a link would upload whatever it points at
+        write_atomic(card, model_card(manifest, summarize(manifest, delta_size(delta)), repo_id).encode())
+    api = api or HfApi()
+    retry = push_command(delta, repo_id, private)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=delta,
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=f"Upload xorweights delta (format {manifest.format_version})",
+            ignore_patterns=list(IGNORE_PATTERNS),  # a fresh list: upload_folder appends to it
+        )
+    except HFValidationError as exc:
+        raise UsageError(f"the Hub refused {repo_id!r}: {_first_line(exc)}") from exc
+    except LocalTokenNotFoundError as exc:
+        raise HubAuthError(
+            f"no Hugging Face token found to push to {repo_id}",
+            f"set HF_TOKEN to a token with write access, or run `hf auth login`; then `{retry}`",
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise _http_error(exc, delta, repo_id, retry) from exc
+    except _CONNECTION_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.filename:  # reading the delta failed, not the network
+            raise InputFileError(f"{exc.filename}: cannot read ({exc.strerror})", "check the delta folder") from exc
+        raise HubError(
+            f"cannot reach the Hugging Face Hub ({type(exc).__name__}: {_first_line(exc)})",
+            f"the delta in {delta} is complete on disk; push it later with `{retry}`",
+        ) from exc
+    return str(getattr(info, "commit_url", None) or info)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _http_error(exc: HfHubHTTPError, delta: Path, repo_id: str, retry: str) -> HubError:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    said = _first_line(exc)
+    if status in (401, 403) or isinstance(exc, RepositoryNotFoundError):
+        namespace = repo_id.split("/")[0] if "/" in repo_id else "your namespace"
+        return HubAuthError(
+            f"the Hub refused to let you write to {repo_id} ({said})",
+            f"set HF_TOKEN to a token with write access to {namespace}, or run `hf auth login`; then `{retry}`",
+        )
+    if status is None or status == 429 or status >= 500:
+        return HubError(
+            f"the Hub could not take the upload to {repo_id} ({said})",
+            f"the delta in {delta} is complete on disk; push it later with `{retry}`",
+        )
+    return HubError(
+        f"the Hub refused the upload to {repo_id} ({said})",
+        f"the delta in {delta} is complete on disk; fix the cause, then `{retry}`",
+    )
