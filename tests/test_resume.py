@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from conftest import files_digest, run
 
 import xorweights
-from xorweights.decode import _Rebuilder
 from xorweights.encode import _Encoder
 from xorweights.manifest import MANIFEST_NAME, load_manifest
 
+# The module itself: ``xorweights.decode`` is the function.
+decode_module = importlib.import_module("xorweights.decode")
+
 
 def interrupt_on_call(monkeypatch, cls, method: str, call: int) -> None:
-    """Make ``cls.method`` raise KeyboardInterrupt on its ``call``-th call."""
+    """Make ``cls.method`` (or a module's function) raise KeyboardInterrupt on its ``call``-th call."""
     original = getattr(cls, method)
     calls = 0
 
@@ -35,7 +39,7 @@ def test_decode_interrupted_midway_then_resumed(pair, tmp_path, monkeypatch):
     xorweights.encode(pair.finetuned, pair.base, delta)
     # Stop inside the second shard, after some of its tensors were written.
     first_shard_tensors = len(load_manifest(delta).weight_files[0].tensors)
-    interrupt_on_call(monkeypatch, _Rebuilder, "_check", first_shard_tensors + 3)
+    interrupt_on_call(monkeypatch, decode_module, "check_tensor", first_shard_tensors + 3)
     with pytest.raises(KeyboardInterrupt):
         xorweights.decode(delta, pair.base, out)
     assert visible(out) == ["model-00001-of-00002.safetensors"]

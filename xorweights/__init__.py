@@ -9,6 +9,7 @@ from .decode import check_base, decode  # noqa: E402
 from .encode import encode  # noqa: E402
 from .errors import XorWeightsError  # noqa: E402
 from .legacy import decode_legacy, migrate  # noqa: E402
+from .load import iter_state_dict, load_state_dict  # noqa: E402
 from .report import inspect  # noqa: E402
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "decode_legacy",
     "encode",
     "inspect",
+    "iter_state_dict",
+    "load_state_dict",
     "migrate",
     "verify",
     "XorWeightsError",

@@ -200,6 +200,25 @@ def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def check_tensor(tj: TensorJob, stream: BaseStream | None, target_xxh3: str) -> None:
+    """Refuse a rebuilt tensor unless its base and target hashes both match (decode and load)."""
+    entry = tj.entry
+    if stream is not None and entry.base is not None:
+        found = stream.finish()
+        if found != entry.base.xxh3:
+            raise BaseMismatchError(
+                f"base tensor {entry.base.name}: expected xxh3-128 {entry.base.xxh3}, found {found}; "
+                "your base differs from the one this delta was made from",
+                "get the exact base named by `xorweights inspect DELTA`, "
+                "or run `xorweights decode --check-base` to list every differing tensor",
+            )
+    if target_xxh3 != entry.xxh3:
+        raise DeltaCorruptError(
+            f"tensor {entry.name}: rebuilt xxh3-128 {target_xxh3} differs from the manifest's {entry.xxh3}, "
+            "although its base matched",
+        )
+
+
 class _Rebuilder:
     """Rebuilds files frame by frame on ``jobs`` threads; checks run in order in the caller.
 
@@ -272,7 +291,7 @@ class _Rebuilder:
             checked = 0
             for fr, (buffer, chunk, base, written) in ordered(work, frames, self.jobs):
                 for i in range(checked, fr.tensor):
-                    self._check(job.tensors[i], streams[i], target_hashes[i].hexdigest())
+                    check_tensor(job.tensors[i], streams[i], target_hashes[i].hexdigest())
                 checked = fr.tensor
                 stream = streams[fr.tensor]
                 if stream is not None:
@@ -285,7 +304,7 @@ class _Rebuilder:
                 self.pool.put(buffer)
                 self.bar.update(fr.hi - fr.lo)
             for i in range(checked, len(entries)):
-                self._check(job.tensors[i], streams[i], target_hashes[i].hexdigest())
+                check_tensor(job.tensors[i], streams[i], target_hashes[i].hexdigest())
             size = len(prefix) + (layout[-1].end if layout else 0)
             if os.fstat(out_fd).st_size != size:
                 raise DeltaCorruptError(f"{final.name}: rebuilt {os.fstat(out_fd).st_size} bytes, expected {size}")
@@ -294,24 +313,6 @@ class _Rebuilder:
             e.name: TensorSum(layout[i].dtype, e.shape, written_hashes[i].hexdigest()) for i, e in enumerate(entries)
         }
         return FileSum(size, file_hash.hexdigest() if converting else job.file.sha256), sums
-
-    def _check(self, tj: TensorJob, stream: BaseStream | None, target_xxh3: str) -> None:
-        """Refuse the file unless the tensor's base and target hashes both match."""
-        entry = tj.entry
-        if stream is not None and entry.base is not None:
-            found = stream.finish()
-            if found != entry.base.xxh3:
-                raise BaseMismatchError(
-                    f"base tensor {entry.base.name}: expected xxh3-128 {entry.base.xxh3}, found {found}; "
-                    "your base differs from the one this delta was made from",
-                    "get the exact base named by `xorweights inspect DELTA`, "
-                    "or run `xorweights decode --check-base` to list every differing tensor",
-                )
-        if target_xxh3 != entry.xxh3:
-            raise DeltaCorruptError(
-                f"tensor {entry.name}: rebuilt xxh3-128 {target_xxh3} differs from the manifest's {entry.xxh3}, "
-                "although its base matched",
-            )
 
 
 def _restore(src: Path, dst: Path, of: OtherFile, *, from_base: bool) -> None:

@@ -1,0 +1,158 @@
+"""load: rebuild the fine-tune straight into torch tensors, one tensor at a time, writing no files.
+
+The same plan and checks as :func:`xorweights.decode`: the base is matched
+by name, dtype and shape before any work, and every tensor's base and target
+xxh3-128 must match before it is handed out. Each tensor's frames are decoded
+into its final buffer, so memory holds the tensors the caller keeps plus
+about one frame.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .base_stream import BaseStream
+from .checkpoint import Checkpoint
+from .decode import TensorJob, check_tensor, plan_decode
+from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
+from .errors import UsageError
+from .kernel import FrameCodec, new_tensor_hash
+from .manifest import Manifest, load_manifest
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype -> torch attribute, as safetensors.torch maps them.
+_TORCH_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
+}
+
+
+def _resolve(delta: str | Path, base: str | Path) -> tuple[Path, Path, Manifest]:
+    """Local folders for ``delta`` and ``base`` (for now, the paths as given), and the delta's manifest.
+
+    The one place to turn Hub repo ids into folders: call xorweights.hub here
+    the way decode() will, once that module lands.
+    """
+    delta = Path(delta)
+    return delta, Path(base), load_manifest(delta)
+
+
+def iter_state_dict(
+    delta: str | Path, base: str | Path, dtype: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of the fine-tune, rebuilt from ``delta`` and ``base``.
+
+    Nothing is written to disk. The base is checked against the manifest
+    (names, dtypes, shapes) when this is called, before any tensor is built;
+    each tensor is yielded only after its base and rebuilt xxh3-128 both
+    matched, with the same errors as decode. ``dtype`` ("float16",
+    "bfloat16" or "float32") converts float tensors after that check.
+    Tensors are built as they are asked for, so a caller that drops each
+    one holds about one tensor and one frame at a time.
+    """
+    target = None
+    if dtype is not None:
+        if dtype not in NAMED:
+            raise UsageError(f"unknown dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
+        target = NAMED[dtype]
+    tensors = _rebuild(*_resolve(delta, base), target)
+    next(tensors)  # plan now, so a base that does not fit is refused by this call
+    return tensors
+
+
+def load_state_dict(delta: str | Path, base: str | Path, dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """The whole fine-tune as a ``name -> tensor`` dict, ready for ``module.load_state_dict``.
+
+    See :func:`iter_state_dict`; this keeps every tensor, so it needs the
+    fine-tune's size in memory.
+    """
+    return dict(iter_state_dict(delta, base, dtype))
+
+
+def _rebuild(delta: Path, base: Path, manifest: Manifest, target: str | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Plan, yield once (a marker: planning passed), then yield each verified tensor.
+
+    Being a generator keeps the base open exactly as long as tensors may
+    still be asked for: it is closed at the end, on an error, or when the
+    caller drops the iterator.
+    """
+    codec = FrameCodec(manifest.compression)
+    with Checkpoint(base) as bs:
+        files = plan_decode(manifest, delta, bs)
+        yield None  # type: ignore[misc]
+        for job in files:
+            with job.data_path.open("rb") as data:
+                src = 0
+                for tj in job.tensors:
+                    out_dtype = target if target and tj.entry.dtype in FLOAT_CASTABLE else tj.entry.dtype
+                    where = f"{job.data_path}: tensor {tj.entry.name}"
+                    raw = _tensor_bytes(tj, data.fileno(), src, codec, out_dtype, where)
+                    src += sum(stored for stored, _ in tj.entry.frames)
+                    tensor = _as_torch(raw, out_dtype, tj.entry.shape)
+                    del raw
+                    yield tj.entry.name, tensor
+                    del tensor  # only the caller keeps it alive while the next one is built
+
+
+def _as_torch(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """``raw`` seen as a torch tensor, without a copy.
+
+    from_numpy keeps ``raw`` alive for as long as the tensor lives, and unlike
+    frombuffer it accepts empty tensors. Viewing uint8 bytes is what lets bf16
+    through, which numpy has no dtype for.
+    """
+    import torch  # only for loading: the rest of xorweights works on bytes
+
+    return torch.from_numpy(raw).view(getattr(torch, _TORCH_DTYPES[dtype])).reshape(shape)
+
+
+def _tensor_bytes(tj: TensorJob, fd: int, src: int, codec: FrameCodec, out_dtype: str, where: str) -> np.ndarray:
+    """Decode, XOR and check one tensor into a buffer allocated once, in ``out_dtype``."""
+    entry = tj.entry
+    width, out_width = ITEMSIZE[entry.dtype], ITEMSIZE[out_dtype]
+    out = np.empty(entry.nbytes // width * out_width, dtype=np.uint8)
+    converting = out_dtype != entry.dtype
+    # Converted tensors are decoded into one frame of scratch, then cast into place.
+    scratch = np.empty(max((raw for _, raw in entry.frames), default=0) if converting else 0, dtype=np.uint8)
+    stream = BaseStream(tj.base, entry.dtype, entry.xor_bytes) if tj.base else None
+    target_hash = new_tensor_hash()
+    lo = 0
+    for k, (stored, raw) in enumerate(entry.frames):
+        hi = lo + raw
+        chunk = scratch[:raw] if converting else out[lo:hi]
+        frame = os.pread(fd, stored, src)
+        src += stored
+        codec.decode(frame, width, chunk, f"{where} frame {k}")
+        del frame  # at most one stored frame and one cast base frame are held at a time
+        if stream is not None:
+            base = stream.view(lo, hi)
+            cast = stream.cast(base)
+            np.bitwise_xor(chunk[: len(cast)], cast, out=chunk[: len(cast)])
+            del cast
+            stream.consume(base)
+        target_hash.update(chunk)
+        if converting:
+            out[lo // width * out_width : hi // width * out_width] = cast_bytes(chunk, entry.dtype, out_dtype)
+        lo = hi
+    check_tensor(tj, stream, target_hash.hexdigest())
+    return out
