@@ -90,7 +90,7 @@ def check_card(card: str, delta: Path, repo_id: str) -> None:
     assert card.startswith("---\ntags:\n- xorweights\n- xor-delta\nlibrary_name: xorweights\n---\n")
     assert "the org/base model, fp16 safetensors" in card
     assert "- Hub repository: [org/base](https://huggingface.co/org/base)" in card
-    assert f"- Revision: `{REVISION}`" in card
+    assert f"- Revision: `{REVISION}` (decode fetches this one when `--base` names the repo)" in card
     assert f"pip install xorweights\nxorweights decode {repo_id} --base org/base -o OUT\n" in card
     assert f"xorweights verify OUT --delta {repo_id}" in card
     for wf in manifest.weight_files:
@@ -191,6 +191,7 @@ def test_encode_dry_run_pushes_nothing(pair, tmp_path, fake_hub):
     ("args", "expected"),
     [
         (("--push-to-hub", "me/bad--name"), "'me/bad--name' is not a Hub repository id"),
+        (("--push-to-hub", "ft-delta"), "'ft-delta' is not an org/name Hub repository id"),
         (("--private",), "--private applies to --push-to-hub REPO"),
     ],
 )

@@ -39,14 +39,18 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def check_repo_id(repo_id: str) -> None:
-    """Refuse a repository id the Hub would refuse, before any work is done."""
+    """Refuse, before any work is done, a repository id the Hub would refuse or that lacks its namespace.
+
+    The card's commands pass the id to decode and verify, which read a bare
+    ``name`` as a local folder, so pushes name ``org/name`` in full.
+    """
+    hint = "name the repository org/name (your user name or organization), with letters, digits, '-', '_' and '.'"
+    if repo_id.count("/") != 1:
+        raise UsageError(f"{repo_id!r} is not an org/name Hub repository id", hint)
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise UsageError(
-            f"{repo_id!r} is not a Hub repository id ({exc})",
-            "name the repository org/name, with letters, digits, '-', '_' and '.'",
-        ) from None
+        raise UsageError(f"{repo_id!r} is not a Hub repository id ({exc})", hint) from None
 
 
 def _cell(text: str) -> str:
@@ -81,7 +85,7 @@ def model_card(manifest: Manifest, summary: DeltaSummary, repo_id: str) -> str:
     if base.repo_id:
         lines.append(f"- Hub repository: [{base.repo_id}](https://huggingface.co/{base.repo_id})")
         if base.revision:
-            lines.append(f"- Revision: `{base.revision}`")
+            lines.append(f"- Revision: `{base.revision}` (decode fetches this one when `--base` names the repo)")
         else:
             lines.append("- Revision: not recorded by the releaser")
         lines.append("")
