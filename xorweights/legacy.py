@@ -47,7 +47,13 @@ from .locks import FolderLock
 from .manifest import MANIFEST_NAME
 from .progress import byte_bar
 
-CHECKSUMS_DIR = Path(__file__).resolve().parents[1] / "checksums"
+def _checksums_dir() -> Path:
+    """The published lists: checksums/ in a source checkout, their packaged copy in an installed wheel."""
+    source = Path(__file__).resolve().parents[1] / "checksums"
+    return source if source.is_dir() else Path(__file__).resolve().parent / "published_checksums"
+
+
+CHECKSUMS_DIR = _checksums_dir()
 DEFAULT_CHUNK_BYTES = 16 << 20
 # gzip's magic number plus its only compression method (deflate). The third
 # byte makes a false match on a plain payload, whose first bytes are the XOR of
