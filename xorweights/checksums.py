@@ -14,6 +14,7 @@ from pathlib import Path
 from .atomic import write_atomic
 from .checkpoint import Checkpoint
 from .errors import UsageError
+from .hub import resolve
 from .kernel import DEFAULT_FRAME_BYTES, new_tensor_hash, sha256_file
 from .manifest import CHECKSUMS_NAME, Checksums, FileSum, TensorSum, load_checksums, load_manifest
 from .progress import byte_bar
@@ -142,12 +143,12 @@ def verify(
     """Check a checkpoint against a checksum manifest or a delta's target or base side.
 
     With neither, the folder's own ``xorweights-checksums.json`` (written by
-    ``decode --dtype``) is used.
+    ``decode --dtype``) is used. ``delta`` is a folder or a Hub repo, ``org/name[@revision]``.
     """
     if manifest is not None and delta is not None:
         raise UsageError("pass either --manifest or --delta, not both")
     if delta is not None:
-        want, allow_extra = expected_from_delta(Path(delta), side)
+        want, allow_extra = expected_from_delta(resolve(delta, "delta", progress=progress).path, side)
     else:
         if manifest is None:
             manifest = Path(path) / CHECKSUMS_NAME

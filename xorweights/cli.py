@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +23,7 @@ from .decode import decode as decode_api
 from .dtypes import NAMED
 from .encode import EncodeResult
 from .encode import encode as encode_api
-from .errors import XorWeightsError
+from .errors import XorWeightsError, XorWeightsWarning
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, enforce, report_lines
 from .kernel import DEFAULT_FRAME_BYTES
 from .report import DeltaSummary, summarize
@@ -36,14 +38,32 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Print the library's warnings as one ``xorweights: warning:`` line on stderr; others as Python does."""
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, XorWeightsWarning):
+                click.echo(f"xorweights: warning: {message}", err=True)
+            else:
+                previous(message, category, *args, **kwargs)
+
+        warnings.simplefilter("always", XorWeightsWarning)
+        warnings.showwarning = show
+        yield
+
+
 def translate_errors(fn: F) -> F:
-    """Turn every error into one line on stderr; tracebacks only with XORWEIGHTS_DEBUG=1."""
+    """Turn every error into one line on stderr, and library warnings too; tracebacks only with XORWEIGHTS_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = os.environ.get("XORWEIGHTS_DEBUG") == "1"
         try:
-            return fn(*args, **kwargs)
+            with _one_line_warnings():
+                return fn(*args, **kwargs)
         except click.ClickException:
             raise
         except XorWeightsError as exc:
@@ -93,7 +113,13 @@ def main() -> None:
 
 @main.command()
 @click.argument("finetuned", type=click.Path(path_type=Path))
-@click.option("--base", "base", required=True, type=click.Path(path_type=Path), help="The base checkpoint folder.")
+@click.option(
+    "--base",
+    "base",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The base: a folder, or a Hub repo org/name[@revision].",
+)
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="The delta folder to write.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave matching non-tensor files out (repeatable).")
 @click.option("--no-compress", is_flag=True, help="Store plain XOR bytes instead of zstd frames.")
@@ -144,7 +170,8 @@ def encode(
     Before writing anything, encode refuses a delta that would publish more
     than --max-unprotected percent of the tensor bytes in the clear (for
     example against the wrong base), unless --allow-unprotected is given.
-    Run it with --dry-run before every release.
+    Run it with --dry-run before every release. FINETUNED and --base may be
+    Hub repos, org/name[@revision]; a Hub base's repo and commit are recorded.
     """
     if private and not push_to_hub:
         raise click.UsageError("--private applies to --push-to-hub REPO; pass both")
@@ -241,7 +268,13 @@ def _echo_plan(result: EncodeResult) -> None:
 
 @main.command()
 @click.argument("delta", type=click.Path(path_type=Path))
-@click.option("--base", "base", required=True, type=click.Path(path_type=Path), help="Your copy of the base.")
+@click.option(
+    "--base",
+    "base",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Your copy of the base: a folder, or a Hub repo org/name[@revision].",
+)
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), help="The folder to rebuild the fine-tune in.")
 @click.option("--dtype", type=click.Choice(sorted(NAMED)), default=None, help="Convert float tensors after verifying.")
 @click.option("--check-base", is_flag=True, help="Only check the whole base against the delta; write nothing.")
@@ -251,7 +284,13 @@ def _echo_plan(result: EncodeResult) -> None:
 def decode(
     delta: Path, base: Path, out: Path | None, dtype: str | None, check_base: bool, jobs: int | None, quiet: bool
 ) -> None:
-    """Rebuild the fine-tune from DELTA and --base into --out (for downloaders)."""
+    """Rebuild the fine-tune from DELTA and --base into --out (for downloaders).
+
+    DELTA and --base are folders or Hub repos, org/name[@revision], fetched into
+    the Hugging Face cache (HF_HUB_OFFLINE, HF_HUB_CACHE, HF_TOKEN and HF_ENDPOINT
+    apply). A --base naming the repo the delta records, without @revision, is
+    fetched at the recorded revision.
+    """
     if check_base:
         problems = check_base_api(delta, base, progress=not quiet)
         for p in problems:
@@ -289,7 +328,11 @@ def checksum(path: Path, out: Path, quiet: bool) -> None:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--manifest", type=click.Path(path_type=Path), help="A checksum manifest from `xorweights checksum`.")
-@click.option("--delta", type=click.Path(path_type=Path), help="A delta whose target or base side to check against.")
+@click.option(
+    "--delta",
+    type=click.Path(path_type=Path),
+    help="A delta (folder or org/name[@revision]) whose target or base side to check against.",
+)
 @click.option("--side", type=click.Choice(["target", "base"]), default="target", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @quiet_option

@@ -32,6 +32,7 @@ from .base_stream import _EMPTY, BaseStream
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
+from .hub import resolve_delta_and_base
 from .kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash, sha256_file
 from .locks import FolderLock
 from .manifest import (
@@ -46,7 +47,6 @@ from .manifest import (
     TensorEntry,
     TensorSum,
     WeightFile,
-    load_manifest,
 )
 from .pipeline import BufferPool, ordered, resolve_jobs
 from .progress import byte_bar
@@ -398,15 +398,17 @@ def decode(
     after verification, an index is written and the new checksums are recorded
     in ``out/xorweights-checksums.json`` for `verify`. ``jobs`` threads
     rebuild frames (default: one per core); the bytes do not depend on it.
+    ``delta`` and ``base`` are folders or Hub repos, ``org/name[@revision]``
+    (see :mod:`xorweights.hub`).
     """
-    delta, out = Path(delta), Path(out)
+    out = Path(out)
     target_dtype = None
     if dtype is not None:
         if dtype not in NAMED:
             raise UsageError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
         target_dtype = NAMED[dtype]
-    manifest = load_manifest(delta)
-    with Checkpoint(Path(base)) as bs:
+    delta, base, manifest = resolve_delta_and_base(delta, base, progress=progress)
+    with Checkpoint(base) as bs:
         files = plan_decode(manifest, delta, bs)
         _prepare_out(out, delta, Path(base))
         with FolderLock(out):
@@ -532,11 +534,11 @@ def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> l
     """Hash every base tensor and referenced file the delta needs; write nothing.
 
     Returns one line per difference; an empty list means the base is the right one.
+    ``delta`` and ``base`` are folders or Hub repos, as for :func:`decode`.
     """
-    delta = Path(delta)
-    manifest = load_manifest(delta)
+    delta, base, manifest = resolve_delta_and_base(delta, base, progress=progress)
     mismatches: list[BaseMismatchError] = []
-    with Checkpoint(Path(base)) as bs:
+    with Checkpoint(base) as bs:
         files = plan_decode(manifest, delta, bs, mismatches)
         problems = [e.message for e in mismatches]
         base_files = set(bs.other_files())

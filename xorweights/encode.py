@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint
 from .encode_plan import EncodePlan, FilePlan, TensorPlan, plan_encode
 from .errors import InputFileError, OutputError, UsageError, XorWeightsError
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, Exposure, assess, enforce
+from .hub import resolve_checkpoint
 from .kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash
 from .locks import FolderLock
 from .manifest import (
@@ -166,20 +167,27 @@ def encode(
     ``renames`` (``FROM=TO`` regexes) map base tensor names onto the fine-tune's.
     A second run with the same inputs reuses the data files already finished.
     ``jobs`` threads make frames (default: one per core); the bytes do not depend on it.
+    ``finetuned`` and ``base`` are folders or Hub repos, ``org/name[@revision]``; a
+    Hub base's repo id and commit are recorded unless ``base_repo_id`` names another repo.
     """
     delta = Path(out)
     if not 1 <= frame_bytes <= MAX_FRAME_BYTES or frame_bytes % 8:
         raise UsageError(f"frame size {frame_bytes} must be a multiple of 8 up to {MAX_FRAME_BYTES}")
-    refuse_overlap(delta, {"fine-tune": Path(finetuned), "base": Path(base)})
     if (delta / MANIFEST_NAME).exists():
         raise OutputError(
             f"{delta}: already holds a finished delta", "choose a new output folder or remove the old delta"
         )
+    ft_ref = resolve_checkpoint(finetuned, "fine-tune", progress=progress)
+    base_ref = resolve_checkpoint(base, "base", progress=progress)
+    finetuned, base = ft_ref.path, base_ref.path
+    if base_ref.repo_id is not None and base_repo_id in (None, base_ref.repo_id):
+        base_repo_id, base_revision = base_ref.repo_id, base_revision or base_ref.revision
+    refuse_overlap(delta, {"fine-tune": finetuned, "base": base})
     compression = "zstd" if compress else "none"
     codec = FrameCodec(compression)
     if not 0 <= max_unprotected <= 100:
         raise UsageError(f"--max-unprotected {max_unprotected}: must be a percentage from 0 to 100")
-    with Checkpoint(Path(finetuned)) as ft, Checkpoint(Path(base)) as bs:
+    with Checkpoint(finetuned) as ft, Checkpoint(base) as bs:
         plan = plan_encode(ft, bs, exclude, renames)
         exposure = assess(plan, bs)
         if dry_run:
@@ -217,7 +225,7 @@ def encode(
                     _ship(ft.root / of.name, delta, of)
             manifest = Manifest(
                 BaseRef(
-                    base_description or f"the base checkpoint used at encode time ({Path(base).name})",
+                    base_description or f"the base checkpoint used at encode time ({base_ref.name})",
                     base_repo_id,
                     base_revision,
                 ),

@@ -90,3 +90,13 @@ class HubAuthError(HubError):
     """The Hub needs a token with write access to the repository."""
 
     default_hint = "set HF_TOKEN to a token with write access, or run `hf auth login`"
+
+
+class HubDownloadError(HubError):
+    """A Hub repo named as DELTA, --base or FINETUNED could not be fetched, nor found in the local cache."""
+
+    default_hint = "check the repo id, your connection and HF_TOKEN, or pass a local folder instead"
+
+
+class XorWeightsWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it on one line."""

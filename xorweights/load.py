@@ -21,8 +21,9 @@ from .checkpoint import Checkpoint
 from .decode import TensorJob, check_tensor, plan_decode
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
 from .errors import UsageError
+from .hub import resolve_delta_and_base
 from .kernel import FrameCodec, new_tensor_hash
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest
 
 if TYPE_CHECKING:
     import torch
@@ -48,13 +49,8 @@ _TORCH_DTYPES = {
 
 
 def _resolve(delta: str | Path, base: str | Path) -> tuple[Path, Path, Manifest]:
-    """Local folders for ``delta`` and ``base`` (for now, the paths as given), and the delta's manifest.
-
-    The one place to turn Hub repo ids into folders: call xorweights.hub here
-    the way decode() will, once that module lands.
-    """
-    delta = Path(delta)
-    return delta, Path(base), load_manifest(delta)
+    """Local folders for ``delta`` and ``base`` (folders or Hub repos, as for decode), and the delta's manifest."""
+    return resolve_delta_and_base(delta, base)
 
 
 def iter_state_dict(
