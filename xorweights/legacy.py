@@ -47,6 +47,7 @@ from .locks import FolderLock
 from .manifest import MANIFEST_NAME
 from .progress import byte_bar
 
+
 def _checksums_dir() -> Path:
     """The published lists: checksums/ in a source checkout, their packaged copy in an installed wheel."""
     source = Path(__file__).resolve().parents[1] / "checksums"
