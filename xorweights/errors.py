@@ -81,7 +81,11 @@ class UnprotectedError(XorWeightsError):
 
 
 class HubError(XorWeightsError):
-    """The Hugging Face Hub refused a push or could not be reached; the delta on disk is unaffected."""
+    """The Hugging Face Hub refused a request or could not be reached.
+
+    Raised as is for pushes (the delta on disk is unaffected); downloads raise
+    :class:`HubDownloadError`.
+    """
 
     default_hint = "the delta on disk is complete; push it again with `xorweights push DELTA REPO`"
 

@@ -66,8 +66,8 @@ _HUB_ERRORS: tuple[type[BaseException], ...] = (
     *_CLIENT_ERRORS,
 )
 
-# HfHubHTTPError, offline mode and a missing cache entry are all OSErrors.
-_LISTING_ERRORS: tuple[type[BaseException], ...] = (OSError, *_CLIENT_ERRORS)
+# HfHubHTTPError, offline mode and a missing cache entry are all OSErrors; so are requests' errors.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, *_CLIENT_ERRORS)
 
 AUTH_HINT = "check the name; for a private or gated repo set HF_TOKEN or run `hf auth login`"
 
@@ -234,7 +234,7 @@ def _repo_files(repo_id: str, revision: str | None) -> list[str] | None:
     """
     try:
         info = HfApi().model_info(repo_id, revision=revision)
-    except _LISTING_ERRORS:
+    except CONNECTION_ERRORS:
         return None
     return [s.rfilename for s in info.siblings or []]
 

@@ -22,6 +22,7 @@ from huggingface_hub.utils import (
 
 from .atomic import write_atomic
 from .errors import HubAuthError, HubError, InputFileError, UsageError
+from .hub import CONNECTION_ERRORS
 from .manifest import SHIPPED_DIR, Manifest, load_manifest
 from .report import DeltaSummary, delta_size, summarize
 
@@ -29,13 +30,6 @@ CARD_NAME = "README.md"  # not listed in the manifest; decode ignores it
 # Encode's resume records (.xorweights/) and partial files (.NAME.xorweights-partial,
 # also under files/) are hidden, and no hidden file is part of a delta.
 IGNORE_PATTERNS = (".xorweights/*", ".*", "*/.*")
-
-# A failed connection raises the HTTP client's own error: requests' errors are
-# OSErrors, httpx's derive from the same HTTPError class that HfHubHTTPError extends.
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    *(c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError" and not c.__module__.startswith("huggingface")),
-)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -199,7 +193,7 @@ def push_to_hub(delta: str | Path, repo_id: str, private: bool = False, api: HfA
         ) from exc
     except HfHubHTTPError as exc:
         raise _http_error(exc, delta, repo_id, retry) from exc
-    except _CONNECTION_ERRORS as exc:
+    except CONNECTION_ERRORS as exc:
         if isinstance(exc, OSError) and exc.filename:  # reading the delta failed, not the network
             raise InputFileError(f"{exc.filename}: cannot read ({exc.strerror})", "check the delta folder") from exc
         raise HubError(
