@@ -30,20 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
-
-from huggingface_hub import HfApi, constants, snapshot_download
-from huggingface_hub.utils import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-    validate_repo_id,
-)
-from huggingface_hub.utils import tqdm as hf_tqdm
 
 from .errors import HubDownloadError, XorWeightsWarning
 from .manifest import BaseRef, Manifest, load_manifest
@@ -52,24 +38,6 @@ from .manifest import BaseRef, Manifest, load_manifest
 SAFETENSORS_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 BIN_PATTERNS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json")
 WEIGHT_FORMATS = (SAFETENSORS_PATTERNS, BIN_PATTERNS)
-
-# The HTTP client's own errors (a refused connection, a proxy, TLS): httpx's
-# and requests' HTTPError both sit in HfHubHTTPError's bases, whichever the
-# installed huggingface_hub uses.
-_CLIENT_ERRORS: tuple[type[BaseException], ...] = tuple(
-    c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError" and c is not HfHubHTTPError
-)
-_HUB_ERRORS: tuple[type[BaseException], ...] = (
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    *_CLIENT_ERRORS,
-)
-
-# HfHubHTTPError, offline mode and a missing cache entry are all OSErrors; so are requests' errors.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, *_CLIENT_ERRORS)
-
-AUTH_HINT = "check the name; for a private or gated repo set HF_TOKEN or run `hf auth login`"
 
 
 @dataclass(frozen=True)
@@ -99,6 +67,8 @@ def parse_repo_ref(ref: str | Path) -> tuple[str, str | None] | None:
     repo_id, at, revision = text.partition("@")
     if (at and not revision) or repo_id.count("/") != 1:
         return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # only for a would-be repo id
+
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
@@ -126,8 +96,10 @@ def resolve(
     parsed = parse_repo_ref(ref)
     if parsed is None:
         return Resolved(Path(ref))
+    from .hub_client import fetch
+
     repo_id, revision = parsed
-    return _fetch(repo_id, revision, role, allow_patterns, None, progress)
+    return fetch(repo_id, revision, role, allow_patterns, None, progress)
 
 
 def resolve_checkpoint(
@@ -151,7 +123,9 @@ def resolve_checkpoint(
     repo_id, asked = parsed
     revision = asked or revision
     note = "" if asked else revision_note
-    choices = _weight_choices(_repo_files(repo_id, revision))
+    from .hub_client import fetch, repo_files
+
+    choices = _weight_choices(repo_files(repo_id, revision))
     for i, weights in enumerate(choices):
         last = i + 1 == len(choices)
         if files is None:  # everything but the other formats' weights
@@ -159,7 +133,7 @@ def resolve_checkpoint(
         else:
             allow, ignore = ([*weights, *files] if weights is not None else None), None
         try:
-            got = _fetch(repo_id, revision, role, allow, ignore or None, progress, note)
+            got = fetch(repo_id, revision, role, allow, ignore or None, progress, note)
         except HubDownloadError as exc:
             # huggingface_hub 2.x refuses a cached snapshot that lacks files the
             # patterns ask for; offline, the cache may hold the other format.
@@ -215,30 +189,6 @@ def resolve_delta_and_base(
     return delta_path, base_path, manifest
 
 
-# ---------------------------------------------------------------- talking to huggingface_hub
-
-
-class _SilentTqdm(hf_tqdm):
-    """huggingface_hub's bars, switched off for --quiet."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["disable"] = True
-        super().__init__(*args, **kwargs)
-
-
-def _repo_files(repo_id: str, revision: str | None) -> list[str] | None:
-    """The repo's file list when the Hub answers, else None.
-
-    A failure here only means the weight format is guessed: snapshot_download
-    then serves the cache, or raises the error worth reporting.
-    """
-    try:
-        info = HfApi().model_info(repo_id, revision=revision)
-    except CONNECTION_ERRORS:
-        return None
-    return [s.rfilename for s in info.siblings or []]
-
-
 def _weight_choices(files: list[str] | None) -> list[tuple[str, ...] | None]:
     """Weight patterns to try in turn: the format the repo has, or safetensors then .bin when unknown."""
     if files is None:
@@ -251,77 +201,6 @@ def _weight_choices(files: list[str] | None) -> list[tuple[str, ...] | None]:
 
 def _holds(folder: Path, patterns: Sequence[str]) -> bool:
     return any(fnmatch(p.relative_to(folder).as_posix(), pat) for p in folder.rglob("*") for pat in patterns)
-
-
-def _fetch(
-    repo_id: str,
-    revision: str | None,
-    role: str,
-    allow: Sequence[str] | None,
-    ignore: Sequence[str] | None,
-    progress: bool,
-    revision_note: str = "",
-) -> Resolved:
-    """The snapshot folder of the files ``allow`` and ``ignore`` select, from the cache or the Hub."""
-    try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                allow_patterns=list(allow) if allow is not None else None,
-                ignore_patterns=list(ignore) if ignore is not None else None,
-                tqdm_class=None if progress else _SilentTqdm,
-            )
-        )
-    except _HUB_ERRORS as exc:
-        raise _explain(exc, repo_id, revision, role, revision_note) from exc
-    return Resolved(folder, repo_id, folder.name)  # a cache snapshot folder is named by its commit sha
-
-
-def _explain(exc: Exception, repo_id: str, revision: str | None, role: str, revision_note: str) -> HubDownloadError:
-    """One line that names the repo and says how to fix it."""
-    ref = f"{repo_id}@{revision}" if revision else repo_id
-    where = f"{role} {ref}"
-    endpoint = constants.ENDPOINT
-    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
-    if isinstance(exc, GatedRepoError):
-        return HubDownloadError(
-            f"{where}: a gated repo on {endpoint}, and your token has no access to it",
-            "accept the repo's terms on its Hub page, then set HF_TOKEN or run `hf auth login`",
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        return HubDownloadError(
-            f"{where}: no such local folder, and no such repo on {endpoint} (or it is private)", AUTH_HINT
-        )
-    if isinstance(exc, RevisionNotFoundError):
-        return HubDownloadError(
-            f"{where}: {repo_id} has no revision {revision}{revision_note}",
-            "name a branch, tag or commit sha of the repo, or leave out @REVISION for its default branch",
-        )
-    if status in (401, 403):
-        return HubDownloadError(f"{where}: {endpoint} refused access (HTTP {status})", AUTH_HINT)
-    if isinstance(exc, LocalEntryNotFoundError):
-        partly = "only partly " if type(exc).__name__ == "IncompleteSnapshotError" else "not "
-        if constants.HF_HUB_OFFLINE:
-            return HubDownloadError(
-                f"{where}: {partly}in the local Hugging Face cache ({constants.HF_HUB_CACHE}), "
-                "and HF_HUB_OFFLINE=1 forbids downloading it",
-                "run once online, or set HF_HUB_OFFLINE=0, or pass a local folder",
-            )
-        cause = exc.__cause__
-        why = f" ({type(cause).__name__})" if cause is not None else ""
-        return HubDownloadError(
-            f"{where}: could not reach {endpoint}{why}, and it is {partly}in the local Hugging Face cache",
-            "check your connection and HF_ENDPOINT, or pass a local folder",
-        )
-    if status is not None:
-        return HubDownloadError(
-            f"{where}: {endpoint} answered HTTP {status}", "try again later, or pass a local folder"
-        )
-    return HubDownloadError(
-        f"{where}: could not reach {endpoint} ({type(exc).__name__})",
-        "check your connection, proxy and HF_ENDPOINT, or pass a local folder",
-    )
 
 
 def _warn(message: str) -> None:

@@ -22,7 +22,7 @@ from huggingface_hub.utils import (
 
 from .atomic import write_atomic
 from .errors import HubAuthError, HubError, InputFileError, UsageError
-from .hub import CONNECTION_ERRORS
+from .hub_client import CONNECTION_ERRORS
 from .manifest import SHIPPED_DIR, Manifest, load_manifest
 from .report import DeltaSummary, delta_size, summarize
 

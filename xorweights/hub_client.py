@@ -1,0 +1,135 @@
+"""The part of hub that imports huggingface_hub, loaded only when a repo id is used.
+
+huggingface_hub and its HTTP client take about 0.3 s to import; a decode of
+local folders never pays for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.utils import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import tqdm as hf_tqdm
+
+from .errors import HubDownloadError
+from .hub import Resolved
+
+# The HTTP client's own errors (a refused connection, a proxy, TLS): httpx's
+# and requests' HTTPError both sit in HfHubHTTPError's bases, whichever the
+# installed huggingface_hub uses.
+_CLIENT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError" and c is not HfHubHTTPError
+)
+_HUB_ERRORS: tuple[type[BaseException], ...] = (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    *_CLIENT_ERRORS,
+)
+
+# HfHubHTTPError, offline mode and a missing cache entry are all OSErrors; so are requests' errors.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, *_CLIENT_ERRORS)
+
+AUTH_HINT = "check the name; for a private or gated repo set HF_TOKEN or run `hf auth login`"
+
+
+class _SilentTqdm(hf_tqdm):
+    """huggingface_hub's bars, switched off for --quiet."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def repo_files(repo_id: str, revision: str | None) -> list[str] | None:
+    """The repo's file list when the Hub answers, else None.
+
+    A failure here only means the weight format is guessed: snapshot_download
+    then serves the cache, or raises the error worth reporting.
+    """
+    try:
+        info = HfApi().model_info(repo_id, revision=revision)
+    except CONNECTION_ERRORS:
+        return None
+    return [s.rfilename for s in info.siblings or []]
+
+
+def fetch(
+    repo_id: str,
+    revision: str | None,
+    role: str,
+    allow: Sequence[str] | None,
+    ignore: Sequence[str] | None,
+    progress: bool,
+    revision_note: str = "",
+) -> Resolved:
+    """The snapshot folder of the files ``allow`` and ``ignore`` select, from the cache or the Hub."""
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(allow) if allow is not None else None,
+                ignore_patterns=list(ignore) if ignore is not None else None,
+                tqdm_class=None if progress else _SilentTqdm,
+            )
+        )
+    except _HUB_ERRORS as exc:
+        raise _explain(exc, repo_id, revision, role, revision_note) from exc
+    return Resolved(folder, repo_id, folder.name)  # a cache snapshot folder is named by its commit sha
+
+
+def _explain(exc: Exception, repo_id: str, revision: str | None, role: str, revision_note: str) -> HubDownloadError:
+    """One line that names the repo and says how to fix it."""
+    ref = f"{repo_id}@{revision}" if revision else repo_id
+    where = f"{role} {ref}"
+    endpoint = constants.ENDPOINT
+    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+    if isinstance(exc, GatedRepoError):
+        return HubDownloadError(
+            f"{where}: a gated repo on {endpoint}, and your token has no access to it",
+            "accept the repo's terms on its Hub page, then set HF_TOKEN or run `hf auth login`",
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return HubDownloadError(
+            f"{where}: no such local folder, and no such repo on {endpoint} (or it is private)", AUTH_HINT
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return HubDownloadError(
+            f"{where}: {repo_id} has no revision {revision}{revision_note}",
+            "name a branch, tag or commit sha of the repo, or leave out @REVISION for its default branch",
+        )
+    if status in (401, 403):
+        return HubDownloadError(f"{where}: {endpoint} refused access (HTTP {status})", AUTH_HINT)
+    if isinstance(exc, LocalEntryNotFoundError):
+        partly = "only partly " if type(exc).__name__ == "IncompleteSnapshotError" else "not "
+        if constants.HF_HUB_OFFLINE:
+            return HubDownloadError(
+                f"{where}: {partly}in the local Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                "and HF_HUB_OFFLINE=1 forbids downloading it",
+                "run once online, or set HF_HUB_OFFLINE=0, or pass a local folder",
+            )
+        cause = exc.__cause__
+        why = f" ({type(cause).__name__})" if cause is not None else ""
+        return HubDownloadError(
+            f"{where}: could not reach {endpoint}{why}, and it is {partly}in the local Hugging Face cache",
+            "check your connection and HF_ENDPOINT, or pass a local folder",
+        )
+    if status is not None:
+        return HubDownloadError(
+            f"{where}: {endpoint} answered HTTP {status}", "try again later, or pass a local folder"
+        )
+    return HubDownloadError(
+        f"{where}: could not reach {endpoint} ({type(exc).__name__})",
+        "check your connection, proxy and HF_ENDPOINT, or pass a local folder",
+    )
