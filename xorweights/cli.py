@@ -308,9 +308,11 @@ def decode(
     result = decode_api(delta, base, out, dtype=dtype, progress=not quiet, jobs=jobs)
     if not quiet:
         how = f"converted to {dtype}" if dtype else "byte-identical to the release"
-        click.echo(
-            f"rebuilt {out}: {len(result.written)} files written, {len(result.skipped)} already done; every tensor verified, {how}"
-        )
+        if result.written:
+            done = f"{len(result.written)} files written, {len(result.skipped)} already done"
+            click.echo(f"rebuilt {out}: {done}; every tensor verified, {how}")
+        else:
+            click.echo(f"{out}: already complete ({len(result.skipped)} files, verified when written, {how})")
 
 
 @main.command()
