@@ -53,3 +53,8 @@ def files_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.iterdir())
         if p.is_file() and not p.name.startswith(".")
     }
+
+
+def partials(out: Path) -> list[Path]:
+    """Partial files anywhere below ``out``: ours (in .xorweights/) and any under the old naming."""
+    return sorted([*out.rglob("*.partial"), *out.rglob(".*xorweights-partial")])

@@ -38,6 +38,7 @@ from test_errors import (
 
 import xorweights
 from xorweights.fixtures import Pair
+from xorweights.outdir import OutputDir
 from xorweights.safetensors_io import MAX_HEADER_BYTES
 
 INDEX = "model.safetensors.index.json"
@@ -538,17 +539,23 @@ def test_decode_refuses_an_output_name_that_is_a_link_out_of_out(
     assert (out / name).is_symlink()
 
 
+@pytest.mark.parametrize("where", ["work folder", "beside the file"])
 def test_decode_replaces_a_link_at_its_partial_file_name(
-    pair: Pair, delta: Path, tmp_path: Path, elsewhere: Path
+    pair: Pair, delta: Path, tmp_path: Path, elsewhere: Path, where: str
 ) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / f".{SHARD1}.xorweights-partial").symlink_to(elsewhere / "victim.txt")
+    if where == "work folder":  # our exact partial name: replaced, never written through
+        planted = out / ".xorweights" / OutputDir.partial_name(SHARD1)
+    else:  # a name that merely looks like a partial: not ours, left alone
+        planted = out / f".{SHARD1}.xorweights-partial"
+    planted.parent.mkdir(parents=True)
+    planted.symlink_to(elsewhere / "victim.txt")
     r = run("decode", delta, "--base", pair.base, "-o", out, "-q")
     assert r.exit_code == 0, r.output
     assert (elsewhere / "victim.txt").read_bytes() == b"precious\n"
     assert not (out / SHARD1).is_symlink()
     assert (out / SHARD1).read_bytes() == (pair.finetuned / SHARD1).read_bytes()
+    assert planted.is_symlink() == (where == "beside the file")
 
 
 @pytest.mark.parametrize("command", ["encode", "decode"])

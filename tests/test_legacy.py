@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import Result
-from conftest import run
+from conftest import partials, run
 
 import xorweights
 from xorweights import legacy
@@ -133,7 +133,7 @@ def test_round_trip_is_bit_exact(tmp_path: Path, compress: bool) -> None:
     assert sorted(result.written) == sorted(p.name for p in rel.finetuned.iterdir())
     assert sorted(result.base_checked) == sorted([SHARD1, SHARD2, "config.json", "tokenizer.model"])
     assert result.out_list == str(rel.out_md5) and result.unchecked == []
-    assert not list(out.glob(".*xorweights-partial"))
+    assert partials(out) == []
 
 
 @pytest.mark.parametrize(
@@ -337,7 +337,7 @@ def test_interrupted_run_leaves_nothing_half_written_and_resumes(
     with pytest.raises(KeyboardInterrupt):
         decode_legacy(rel.payload, rel.base, out, rel.base_md5, rel.out_md5)
     finished = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    assert len(finished) == 2 and not list(out.glob(".*xorweights-partial"))
+    assert len(finished) == 2 and partials(out) == []
     monkeypatch.setattr(legacy, "xor_file", original)
     result = decode_legacy(rel.payload, rel.base, out, rel.base_md5, rel.out_md5)
     assert sorted(result.skipped) == finished and len(result.written) == 3

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 
 import pytest
-from conftest import files_digest, run
+from conftest import files_digest, partials, run
 
 import xorweights
 from xorweights.encode import _Encoder
 from xorweights.manifest import MANIFEST_NAME, load_manifest
+from xorweights.outdir import OutputDir
 
 # The module itself: ``xorweights.decode`` is the function.
 decode_module = importlib.import_module("xorweights.decode")
@@ -43,7 +44,7 @@ def test_decode_interrupted_midway_then_resumed(pair, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         xorweights.decode(delta, pair.base, out)
     assert visible(out) == ["model-00001-of-00002.safetensors"]
-    assert not list(out.glob(".*partial")), "the half-written shard must be removed"
+    assert partials(out) == [], "the half-written shard must be removed"
     mtime = (out / "model-00001-of-00002.safetensors").stat().st_mtime_ns
     monkeypatch.undo()
     result = xorweights.decode(delta, pair.base, out)
@@ -59,13 +60,17 @@ def test_decode_interrupted_midway_then_resumed(pair, tmp_path, monkeypatch):
 def test_killed_run_leaves_only_partial_names_which_the_next_run_replaces(pair, tmp_path):
     delta, out = tmp_path / "delta", tmp_path / "out"
     xorweights.encode(pair.finetuned, pair.base, delta)
-    out.mkdir()
-    # What kill -9 leaves behind: a partial file under the partial name.
-    (out / ".model-00001-of-00002.safetensors.xorweights-partial").write_bytes(b"half")
+    # What kill -9 leaves behind: a partial file in our work folder, under its exact name...
+    ours = out / ".xorweights" / OutputDir.partial_name("model-00001-of-00002.safetensors")
+    ours.parent.mkdir(parents=True)
+    ours.write_bytes(b"half")
+    # ...and a user's file that merely looks like a partial, which is not ours to delete.
+    mine = out / ".model-00001-of-00002.safetensors.xorweights-partial"
+    mine.write_bytes(b"mine")
     r = run("decode", delta, "--base", pair.base, "-o", out)
     assert r.exit_code == 0, r.stderr
     assert files_digest(out) == files_digest(pair.finetuned)
-    assert not list(out.glob(".*partial"))
+    assert partials(out) == [mine] and mine.read_bytes() == b"mine"
 
 
 def test_decode_refuses_to_overwrite_a_foreign_file_in_out(pair, tmp_path):

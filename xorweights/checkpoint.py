@@ -10,7 +10,7 @@ same interface without the planner or the kernel changing.
 from __future__ import annotations
 
 import fnmatch
-import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,9 @@ from typing import Protocol
 import numpy as np
 
 from .dtypes import ITEMSIZE
-from .errors import CheckpointError
+from .errors import CheckpointError, ManifestError
+from .inputs import InputFolder
+from .manifest import MAX_MANIFEST_BYTES, load_json
 from .safetensors_io import SafetensorsFile, TensorInfo
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -115,6 +117,7 @@ class Checkpoint:
             raise CheckpointError(f"{path}: no such file or folder", "check the path")
         self.is_folder = path.is_dir()
         self.root = path if self.is_folder else path.parent
+        self.input = InputFolder(path)  # every file below is read through it: no links out, regular files only
         self.tensors: dict[str, TensorRef] = {}
         self.weight_files: list[WeightFileRef] = []
         self._closers: list[Callable[[], None]] = []
@@ -136,7 +139,7 @@ class Checkpoint:
         paths = _weight_paths(path, SAFETENSORS_INDEX, "*.safetensors")
         if paths:
             for p in paths:
-                f = SafetensorsFile(p)
+                f = SafetensorsFile(p, self.input)
                 self._closers.append(f.close)
                 refs = [TensorRef(i.name, i.dtype, i.shape, _SafetensorsSource(f, i), str(p)) for i in f.tensors]
                 self._add(p, refs, f)
@@ -146,6 +149,7 @@ class Checkpoint:
             from .torch_pickle import open_pickle  # torch is needed only for pickled weights
 
             for p in paths:
+                self._checked(p)
                 refs, close = open_pickle(p)
                 self._closers.append(close)
                 self._add(p, refs)
@@ -153,6 +157,8 @@ class Checkpoint:
         from . import meta_llama
 
         if self.is_folder and meta_llama.is_meta_checkpoint(path):
+            for p in [path / meta_llama.PARAMS, *path.glob(meta_llama.SHARD_GLOB)]:
+                self._checked(p)
             tensors, close = meta_llama.open_meta(path)
             self._closers.append(close)
             first = sorted(path.glob("consolidated.*.pth"))[0]
@@ -166,11 +172,16 @@ class Checkpoint:
             "or at Meta's folder with params.json and consolidated.*.pth",
         )
 
+    def _checked(self, path: Path) -> None:
+        """Refuse a weight file torch would read that fails :class:`InputFolder`'s checks (a link out, a FIFO)."""
+        f, _ = self.input.open(path)
+        f.close()
+
     def _check_index(self, path: Path) -> None:
         index = path / (SAFETENSORS_INDEX if self.format == "safetensors" else BIN_INDEX)
         if not index.is_file() or self.format == "meta":
             return
-        for name, shard in _read_index(index).items():
+        for name, shard in _read_index(index, self.input).items():
             ref = self.tensors.get(name)
             if ref is None or Path(ref.where).name != shard:
                 raise CheckpointError(
@@ -179,18 +190,33 @@ class Checkpoint:
                 )
 
     def other_files(self) -> list[str]:
-        """Files below the root other than the weights read, as relative POSIX paths."""
+        """Entries below the root other than the weights read, as relative POSIX paths.
+
+        Folders are walked without following links; a link or anything else
+        that is not a folder is listed, so reading it applies the rules of
+        :class:`InputFolder` (a link out of the folder, a FIFO: refused).
+        """
         if not self.is_folder:
             return []
         weights = {f.path.name for f in self.weight_files}
-        out = []
-        for p in sorted(self.root.rglob("*")):
-            rel = p.relative_to(self.root)
-            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-                continue
-            if rel.as_posix() not in weights:
-                out.append(rel.as_posix())
-        return out
+        found: list[tuple[str, ...]] = []
+
+        def walk(folder: Path, parts: tuple[str, ...]) -> None:
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        walk(Path(e.path), (*parts, e.name))
+                    else:
+                        found.append((*parts, e.name))
+
+        walk(self.root, ())
+        return [rel for rel in ("/".join(p) for p in sorted(found)) if rel not in weights]
+
+    def digest(self, rel: str) -> tuple[int, str]:
+        """Size and sha256 of a file below the root."""
+        return self.input.digest(self.root / rel)
 
     def close(self) -> None:
         for close in self._closers:
@@ -210,7 +236,7 @@ def _weight_paths(path: Path, index_name: str, pattern: str) -> list[Path]:
         return [path] if path.suffix == pattern[pattern.rindex(".") :] else []
     index = path / index_name
     if index.is_file():
-        shards = sorted(set(_read_index(index).values()))
+        shards = sorted(set(_read_index(index, InputFolder(path)).values()))
         missing = [s for s in shards if not (path / s).exists() and not (path / s).is_symlink()]
         if missing:
             raise CheckpointError(
@@ -221,16 +247,17 @@ def _weight_paths(path: Path, index_name: str, pattern: str) -> list[Path]:
     return sorted(p for p in path.glob(pattern) if not p.name.startswith("."))
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def _read_index(index: Path, folder: InputFolder) -> dict[str, str]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        text = folder.read(index, MAX_MANIFEST_BYTES).decode("utf-8")
+        weight_map = load_json(text, str(index))["weight_map"]
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
             for k, v in weight_map.items()
         ):
             raise ValueError("weight_map must map tensor names to file names in the same folder")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, ManifestError) as exc:
         raise CheckpointError(
-            f"{index}: not a valid safetensors index ({exc})", "re-download the index, or delete it to read every shard"
+            f"{index}: not a valid safetensors index ({getattr(exc, 'message', exc)})", "re-download the index, or delete it to read every shard"
         ) from None
     return weight_map

@@ -11,12 +11,13 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import write_atomic
 from .checkpoint import Checkpoint
 from .errors import UsageError
 from .hub import resolve
-from .kernel import DEFAULT_FRAME_BYTES, new_tensor_hash, sha256_file
+from .kernel import DEFAULT_FRAME_BYTES, new_tensor_hash
 from .manifest import CHECKSUMS_NAME, Checksums, FileSum, TensorSum, load_checksums, load_manifest
+from .outdir import write_file
+from .overlap import refuse_overlap
 from .progress import byte_bar
 
 
@@ -27,10 +28,7 @@ def scan(path: Path, progress: bool = False) -> Checksums:
         bar = byte_bar(sum(ckpt.tensors[n].nbytes for f in ckpt.weight_files for n in f.names), "checksum", progress)
         for f in ckpt.weight_files:
             # A safetensors file is read once: its bytes feed the file's sha256 and every tensor's xxh3.
-            file_hash = hashlib.sha256()
-            if f.safetensors is not None:
-                with f.path.open("rb") as fh:
-                    file_hash.update(fh.read(f.safetensors.data_start))
+            file_hash = hashlib.sha256(f.safetensors.prefix if f.safetensors is not None else b"")
             for name in f.names:
                 ref = ckpt.tensors[name]
                 h = new_tensor_hash()
@@ -44,22 +42,26 @@ def scan(path: Path, progress: bool = False) -> Checksums:
                     bar.update(hi - lo)
                 sums.tensors[name] = TensorSum(ref.dtype, ref.shape, h.hexdigest())
             if ckpt.format != "meta":  # Meta's shards are not files of the converted checkpoint
-                digest = file_hash.hexdigest() if f.safetensors is not None else sha256_file(f.path)
-                sums.files[f.path.relative_to(ckpt.root).as_posix()] = FileSum(f.path.stat().st_size, digest)
+                rel = f.path.relative_to(ckpt.root).as_posix()
+                if f.safetensors is not None:
+                    sums.files[rel] = FileSum(f.safetensors.size, file_hash.hexdigest())
+                else:
+                    sums.files[rel] = FileSum(*ckpt.digest(rel))
         bar.close()
         for rel in ckpt.other_files():
             if rel == CHECKSUMS_NAME:
                 continue  # a checksum file cannot list itself
-            p = ckpt.root / rel
-            sums.files[rel] = FileSum(p.stat().st_size, sha256_file(p))
+            sums.files[rel] = FileSum(*ckpt.digest(rel))
     return sums
 
 
 def checksum(path: str | Path, out: str | Path | None = None, progress: bool = False) -> Checksums:
     """Compute a checksum manifest of ``path``; write it to ``out`` when given."""
+    if out is not None:
+        refuse_overlap(Path(out), {"checkpoint": Path(path)}, out_is_file=True)
     sums = scan(Path(path), progress)
     if out is not None:
-        write_atomic(Path(out), sums.to_json().encode())
+        write_file(Path(out), sums.to_json().encode())
     return sums
 
 

@@ -13,27 +13,22 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import (
-    AtomicWriter,
-    copy_atomic,
-    refuse_links,
-    refuse_overlap,
-    remove_partials,
-    start_writeback,
-    write_atomic,
-)
 from .base_stream import _EMPTY, BaseStream
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
+from .decode_state import DecodeState, Finished
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
 from .hub import resolve_delta_and_base
-from .kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash, sha256_file
+from .inputs import InputFolder
+from .kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash
 from .locks import FolderLock
 from .manifest import (
     CHECKSUMS_NAME,
@@ -48,13 +43,12 @@ from .manifest import (
     TensorSum,
     WeightFile,
 )
-from .pipeline import BufferPool, ordered, resolve_jobs
+from .outdir import OutputDir, start_writeback
+from .overlap import refuse_overlap
+from .pipeline import BackgroundHash, BufferPool, ordered, resolve_jobs
 from .progress import byte_bar
 from .safetensors_io import TensorInfo, build_header, parse_header
 from .sizes import human_bytes
-
-STATE_DIR = ".xorweights"
-STATE_NAME = "decode-state.json"
 
 LOSSY_BF16_HINT = (
     "your base was saved as bf16, which loses precision against the fp16 weights this delta was made from; "
@@ -73,6 +67,11 @@ class FileJob:
     file: WeightFile
     data_path: Path
     tensors: tuple[TensorJob, ...]
+
+    @property
+    def stored(self) -> int:
+        """Bytes of the data file, as its frames add up in the manifest."""
+        return sum(s for t in self.file.tensors for s, _ in t.frames)
 
 
 @dataclass(frozen=True)
@@ -145,19 +144,13 @@ def plan_decode(
             return None
 
     where = str(delta / MANIFEST_NAME)
+    folder = InputFolder(delta)
     files = []
     for wf in manifest.weight_files:
         _check_layout(wf, where)
-        data_path = delta / wf.data_file
-        stored = sum(s for t in wf.tensors for s, _ in t.frames)
-        if not data_path.is_file():
-            raise DeltaCorruptError(f"{data_path}: missing; the delta is incomplete", "download the whole delta folder")
-        if data_path.stat().st_size != stored:
-            raise DeltaCorruptError(
-                f"{data_path}: expected {stored} bytes, found {data_path.stat().st_size}",
-                "the delta is truncated or damaged; re-download it",
-            )
-        files.append(FileJob(wf, data_path, tuple(TensorJob(t, match(t)) for t in wf.tensors)))
+        job = FileJob(wf, delta / wf.data_file, tuple(TensorJob(t, match(t)) for t in wf.tensors))
+        open_delta_file(folder, job.data_path, job.stored).close()
+        files.append(job)
     base_files = set(base.other_files())
     for of in manifest.other_files:
         if of.mode == "reference" and of.name not in base_files:
@@ -174,9 +167,23 @@ def plan_decode(
             if problems is None:
                 raise missing
             problems.append(missing)
-        if of.mode == "ship" and not (delta / SHIPPED_DIR / of.name).is_file():
-            raise DeltaCorruptError(f"{delta / SHIPPED_DIR / of.name}: missing; the delta is incomplete")
+        if of.mode == "ship":
+            open_delta_file(folder, delta / SHIPPED_DIR / of.name, of.size).close()
     return files
+
+
+def open_delta_file(folder: InputFolder, path: Path, size: int) -> BinaryIO:
+    """A file of the delta, opened only if it is a regular file inside it of exactly the size the manifest declares."""
+    try:
+        f, found = folder.open(path)
+    except FileNotFoundError:
+        raise DeltaCorruptError(f"{path}: missing; the delta is incomplete", "re-download the whole delta folder") from None
+    if found != size:
+        f.close()
+        raise DeltaCorruptError(
+            f"{path}: expected {size} bytes, found {found}", "the delta is truncated or damaged; re-download it"
+        )
+    return f
 
 
 # ---------------------------------------------------------------- execute
@@ -223,14 +230,16 @@ class _Rebuilder:
     """Rebuilds files frame by frame on ``jobs`` threads; checks run in order in the caller.
 
     Workers read, decompress, XOR and ``pwrite`` each frame at its final
-    offset; the consumer hashes base and target bytes in order. Without
-    ``dtype`` the file is byte-identical by construction (verbatim header,
-    every tensor's bytes verified at its offset), so it is not re-hashed with
-    sha256 here; ``verify`` does that.
+    offset; the consumer hashes base and target bytes in order, and a thread
+    of its own feeds the whole file's sha256, which must match the manifest's
+    before the file gets its final name (with ``dtype`` it is recorded instead).
     """
 
-    def __init__(self, codec: FrameCodec, files: list[FileJob], dtype: str | None, jobs: int, bar: tqdm) -> None:
+    def __init__(
+        self, codec: FrameCodec, delta: InputFolder, files: list[FileJob], dtype: str | None, jobs: int, bar: tqdm
+    ) -> None:
         self.codec = codec
+        self.delta = delta
         self.pool = BufferPool(max((raw for j in files for t in j.file.tensors for _, raw in t.frames), default=0))
         self.dtype = dtype
         self.jobs = jobs
@@ -250,8 +259,8 @@ class _Rebuilder:
         prefix, layout = self._layout(wf)
         return len(prefix) + (layout[-1].end if layout else 0)
 
-    def rebuild(self, job: FileJob, final: Path) -> tuple[FileSum, dict[str, TensorSum]]:
-        """Write ``final`` and return its checksum and those of its tensors as written."""
+    def rebuild(self, job: FileJob, out: OutputDir) -> tuple[FileSum, dict[str, TensorSum]]:
+        """Write ``job``'s file into ``out`` and return its checksum and those of its tensors as written."""
         prefix, layout = self._layout(job.file)
         entries = [tj.entry for tj in job.tensors]
         frames = []
@@ -267,11 +276,12 @@ class _Rebuilder:
         converting = self.dtype is not None
         target_hashes = [new_tensor_hash() for _ in entries]
         written_hashes = [new_tensor_hash() for _ in entries] if converting else target_hashes
-        file_hash = hashlib.sha256(prefix)
+        file_hash = BackgroundHash(hashlib.sha256(prefix), self.pool.put)
         where = str(job.data_path)
-        writer = AtomicWriter(final)
-        with writer as out, job.data_path.open("rb") as data:
-            out_fd, data_fd = out.fileno(), data.fileno()
+        final = out.path / job.file.name
+        writer = out.writer(job.file.name)
+        with writer as dst, open_delta_file(self.delta, job.data_path, job.stored) as data, file_hash:
+            out_fd, data_fd = dst.fileno(), data.fileno()
 
             def work(fr: _Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
                 entry, stream = entries[fr.tensor], streams[fr.tensor]
@@ -300,23 +310,46 @@ class _Rebuilder:
                 start_writeback(out_fd, fr.dst, len(written))
                 if converting:
                     written_hashes[fr.tensor].update(written)
-                    file_hash.update(written)
-                self.pool.put(buffer)
+                file_hash.update(written, buffer)  # the buffer goes back to the pool once hashed
                 self.bar.update(fr.hi - fr.lo)
             for i in range(checked, len(entries)):
                 check_tensor(job.tensors[i], streams[i], target_hashes[i].hexdigest())
             size = len(prefix) + (layout[-1].end if layout else 0)
             if os.fstat(out_fd).st_size != size:
                 raise DeltaCorruptError(f"{final.name}: rebuilt {os.fstat(out_fd).st_size} bytes, expected {size}")
+            digest = file_hash.hexdigest()
+            if not converting and digest != job.file.sha256:
+                raise DeltaCorruptError(
+                    f"{final}: rebuilt file's sha256 {digest} differs from the manifest's {job.file.sha256}, "
+                    "although every tensor matched; the file was not kept",
+                    "the delta's manifest is damaged or was edited; re-download the delta",
+                )
             writer.commit()
         sums = {
             e.name: TensorSum(layout[i].dtype, e.shape, written_hashes[i].hexdigest()) for i, e in enumerate(entries)
         }
-        return FileSum(size, file_hash.hexdigest() if converting else job.file.sha256), sums
+        return FileSum(size, digest), sums
 
 
-def _restore(src: Path, dst: Path, of: OtherFile, *, from_base: bool) -> None:
-    """Copy a non-tensor file into OUT, refusing it unless its sha256 is the releaser's."""
+def _restore(folder: InputFolder, src: Path, out: OutputDir, of: OtherFile, *, from_base: bool) -> None:
+    """Copy a non-tensor file into OUT, refusing it unless its size and sha256 are the releaser's.
+
+    The size is compared before a byte is copied; a file of the delta that is
+    not what the manifest declares is never read, so its hash is never printed.
+    """
+    if from_base:
+        try:
+            f, size = folder.open(src)
+        except FileNotFoundError:
+            raise BaseMismatchError(f"{src}: missing, and this delta takes it from the base") from None
+        if size != of.size:
+            f.close()
+            raise BaseMismatchError(
+                f"{src}: {size} bytes, the base this delta was made from has {of.size}",
+                f"restore {of.name} from the base model's original release",
+            )
+    else:
+        f = open_delta_file(folder, src, of.size)
 
     def check(found: str) -> None:
         if found == of.sha256:
@@ -326,60 +359,18 @@ def _restore(src: Path, dst: Path, of: OtherFile, *, from_base: bool) -> None:
                 f"{src}: sha256 {found} differs from the {of.sha256} of the base this delta was made from",
                 f"restore {of.name} from the base model's original release",
             )
-        raise DeltaCorruptError(f"{src}: sha256 {found} differs from the manifest's {of.sha256}")
+        raise DeltaCorruptError(f"{src}: sha256 differs from the manifest's {of.sha256}")
 
-    copy_atomic(src, dst, check)
+    with f:
+        out.copy_in(of.name, f, of.size, src, check)
 
 
-class _State:
-    """What earlier runs finished in OUT, so a re-run resumes instead of redoing."""
-
-    def __init__(self, out: Path, delta_id: str, dtype: str | None) -> None:
-        self.path = out / STATE_DIR / STATE_NAME
-        self.record: dict = {"delta": delta_id, "dtype": dtype, "files": {}}
-        if self.path.is_file():
-            try:
-                old = json.loads(self.path.read_text())
-            except ValueError:
-                old = None
-            if isinstance(old, dict) and (old.get("delta"), old.get("dtype")) == (delta_id, dtype):
-                self.record = old
-            elif isinstance(old, dict) and old.get("files"):
-                raise OutputError(
-                    f"{out}: holds files decoded from another delta or with another --dtype",
-                    "decode into a new, empty folder",
-                )
-
-    def finished(self, final: Path) -> dict | None:
-        entry = self.record["files"].get(final.name)
-        if entry and final.is_file():
-            st = final.stat()
-            if [st.st_size, st.st_mtime_ns] == entry["stat"]:
-                return entry
+def _target_dtype(dtype: str | None) -> str | None:
+    if dtype is None:
         return None
-
-    def add(self, final: Path, file_sum: FileSum, tensors: dict[str, TensorSum]) -> dict:
-        st = final.stat()
-        entry = {
-            "stat": [st.st_size, st.st_mtime_ns],
-            "sha256": file_sum.sha256,
-            "tensors": {k: [v.dtype, list(v.shape), v.xxh3] for k, v in tensors.items()},
-        }
-        self.record["files"][final.name] = entry
-        write_atomic(self.path, json.dumps(self.record).encode())
-        return entry
-
-
-def _prepare_out(out: Path, delta: Path, base: Path) -> None:
-    refuse_overlap(out, {"delta": delta, "base": base})
-    try:
-        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"{out}: cannot create the output folder ({exc.strerror})", "choose a writable location"
-        ) from None
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"{out}: the output folder is not writable", "choose a writable location")
+    if dtype not in NAMED:
+        raise UsageError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
+    return NAMED[dtype]
 
 
 def decode(
@@ -393,92 +384,120 @@ def decode(
 ) -> DecodeResult:
     """Rebuild the fine-tune from ``delta`` and ``base`` into ``out``.
 
-    Without ``dtype`` the files are byte-identical to the releaser's. With
-    ``dtype`` ("float16", "bfloat16" or "float32") float tensors are converted
-    after verification, an index is written and the new checksums are recorded
-    in ``out/xorweights-checksums.json`` for `verify`. ``jobs`` threads
-    rebuild frames (default: one per core); the bytes do not depend on it.
-    ``delta`` and ``base`` are folders or Hub repos, ``org/name[@revision]``
-    (see :mod:`xorweights.hub`).
+    Without ``dtype`` the files are byte-identical to the releaser's: every
+    file's sha256 is checked against the manifest before it gets its final
+    name. With ``dtype`` ("float16", "bfloat16" or "float32") float tensors
+    are converted after verification, an index is written and the new
+    checksums are recorded in ``out/xorweights-checksums.json`` for `verify`.
+    ``jobs`` threads rebuild frames (default: one per core); the bytes do not
+    depend on it. ``delta`` and ``base`` are folders or Hub repos,
+    ``org/name[@revision]`` (see :mod:`xorweights.hub`).
     """
     out = Path(out)
-    target_dtype = None
-    if dtype is not None:
-        if dtype not in NAMED:
-            raise UsageError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
-        target_dtype = NAMED[dtype]
+    target_dtype = _target_dtype(dtype)
     delta, base, manifest = resolve_delta_and_base(delta, base, progress=progress)
+    inputs = {"delta": delta, "base": Path(base)}
+    refuse_overlap(out, inputs)
     with Checkpoint(base) as bs:
         files = plan_decode(manifest, delta, bs)
-        _prepare_out(out, delta, Path(base))
-        with FolderLock(out):
-            delta_id = hashlib.sha256((delta / MANIFEST_NAME).read_bytes()).hexdigest()
-            state = _State(out, delta_id, target_dtype)
-            bar = byte_bar(sum(t.entry.nbytes for j in files for t in j.tensors), "decode", progress)
-            rebuilder = _Rebuilder(FrameCodec(manifest.compression), files, target_dtype, resolve_jobs(jobs), bar)
-            done = {job.file.name: _finished(out / job.file.name, job.file, state, target_dtype) for job in files}
-            pending = [job for job in files if done[job.file.name] is None]
-            others = [of for of in manifest.other_files if not (target_dtype and of.name == SAFETENSORS_INDEX)]
-            present = {of.name for of in others if _already_there(out, of)}  # refuses foreign files up front
-            need = [rebuilder.output_size(job.file) for job in pending]
-            need += [of.size for of in others if of.name not in present]
-            _check_free_space(out, sum(need))
-            written, skipped = [], []
-            checksums = Checksums()
-            for job in files:
-                final = out / job.file.name
-                entry = done[final.name]
-                if entry is None:
-                    try:
-                        file_sum, sums = rebuilder.rebuild(job, final)
-                    except OutputError as exc:
-                        raise _explain_full_disk(exc, out, sum(need)) from exc
-                    need.pop(0)
-                    entry = state.add(final, file_sum, sums)
-                    written.append(final.name)
-                else:
-                    bar.update(sum(t.nbytes for t in job.file.tensors))
-                    skipped.append(final.name)
-                checksums.files[final.name] = FileSum(entry["stat"][0], entry["sha256"])
-                for name, (dt, shape, xxh3) in entry["tensors"].items():
-                    checksums.tensors[name] = TensorSum(dt, tuple(shape), xxh3)
-            bar.close()
-            for of in others:
-                final = out / of.name
-                if of.name in present:
-                    skipped.append(of.name)
-                else:
-                    src = bs.root / of.name if of.mode == "reference" else delta / SHIPPED_DIR / of.name
-                    _restore(src, final, of, from_base=of.mode == "reference")
-                    written.append(of.name)
-                checksums.files[of.name] = FileSum(of.size, of.sha256)
-            if target_dtype is not None:
-                _write_converted_index(out, files, checksums)
-                write_atomic(out / CHECKSUMS_NAME, checksums.to_json().encode())
-                written += [SAFETENSORS_INDEX, CHECKSUMS_NAME]
-            remove_partials(out)
+        with OutputDir(out) as od, FolderLock(od):
+            refuse_overlap(out, inputs)  # again, now that OUT exists: it cannot have been swapped for an input
+            manifest_text = manifest.to_json().encode()
+            state = DecodeState(od, hashlib.sha256(manifest_text).hexdigest(), target_dtype, 2 * len(manifest_text))
+            try:
+                return _decode_into(od, state, manifest, delta, bs, files, target_dtype, progress, jobs)
+            finally:
+                state.close()
+
+
+def _decode_into(
+    od: OutputDir,
+    state: DecodeState,
+    manifest: Manifest,
+    delta: Path,
+    bs: Checkpoint,
+    files: list[FileJob],
+    target_dtype: str | None,
+    progress: bool,
+    jobs: int | None,
+) -> DecodeResult:
+    out = od.path
+    bar = byte_bar(sum(t.entry.nbytes for j in files for t in j.tensors), "decode", progress)
+    delta_in = InputFolder(delta)
+    rebuilder = _Rebuilder(FrameCodec(manifest.compression), delta_in, files, target_dtype, resolve_jobs(jobs), bar)
+    done = {job.file.name: _finished(od, job.file, state, target_dtype) for job in files}
+    pending = [job for job in files if done[job.file.name] is None]
+    others = [of for of in manifest.other_files if not (target_dtype and of.name == SAFETENSORS_INDEX)]
+    present = {of.name for of in others if _already_there(od, of)}  # refuses foreign files up front
+    need = sum(rebuilder.output_size(job.file) for job in pending)
+    need += sum(of.size for of in others if of.name not in present)
+    _check_free_space(out, need)
+    written, skipped = [], []
+    checksums = Checksums()
+    for job in files:
+        name = job.file.name
+        entry = done[name]
+        if entry is None:
+            try:
+                file_sum, sums = rebuilder.rebuild(job, od)
+            except OutputError as exc:
+                raise _explain_full_disk(exc, out, need) from exc
+            need -= rebuilder.output_size(job.file)
+            st = od.lstat(name)
+            assert st is not None
+            entry = state.add(name, st, file_sum.sha256, sums if target_dtype else None)
+            written.append(name)
+        else:
+            bar.update(sum(t.nbytes for t in job.file.tensors))
+            skipped.append(name)
+        checksums.files[name] = FileSum(entry.stat[0], entry.sha256)
+        if entry.tensors is not None:
+            checksums.tensors.update(entry.tensors)
+        else:
+            checksums.tensors.update({t.name: TensorSum(t.dtype, t.shape, t.xxh3) for t in job.file.tensors})
+    bar.close()
+    for of in others:
+        if of.name in present:
+            skipped.append(of.name)
+        else:
+            if of.mode == "reference":
+                _restore(bs.input, bs.root / of.name, od, of, from_base=True)
+            else:
+                _restore(delta_in, delta / SHIPPED_DIR / of.name, od, of, from_base=False)
+            written.append(of.name)
+        checksums.files[of.name] = FileSum(of.size, of.sha256)
+    if target_dtype is not None:
+        index = _converted_index(files, checksums)
+        checksums.files[SAFETENSORS_INDEX] = FileSum(len(index), hashlib.sha256(index).hexdigest())
+        for name, data in ((SAFETENSORS_INDEX, index), (CHECKSUMS_NAME, checksums.to_json().encode())):
+            (written if od.write_bytes(name, data) else skipped).append(name)
+    od.sweep([job.file.name for job in files] + [of.name for of in manifest.other_files] + [CHECKSUMS_NAME])
     return DecodeResult(out, written, skipped, target_dtype)
 
 
-def _finished(final: Path, wf: WeightFile, state: _State, dtype: str | None) -> dict | None:
-    """The state entry of a weight file an earlier run finished, or None to rebuild it."""
-    entry = state.finished(final)
-    if entry is None and (final.exists() or final.is_symlink()):
-        entry = _adopt_existing(final, wf, state, dtype)
-    return entry
+def _finished(od: OutputDir, wf: WeightFile, state: DecodeState, dtype: str | None) -> Finished | None:
+    """The state entry of a weight file an earlier run finished, or None to rebuild it.
+
+    A file under its final name that the state does not vouch for is adopted
+    only if it is exactly the one this delta rebuilds; anything else is refused.
+    """
+    st = od.lstat(wf.name)
+    entry = state.files.get(wf.name)
+    if st is None:
+        return None
+    if entry is not None and stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == entry.stat:
+        return entry
+    if dtype is None and od.digest(wf.name, size=wf.size) == wf.sha256:
+        return state.add(wf.name, st, wf.sha256, None)
+    raise _foreign_file(od.path / wf.name)
 
 
-def _already_there(out: Path, of: OtherFile) -> bool:
+def _already_there(od: OutputDir, of: OtherFile) -> bool:
     """True if OUT already holds exactly this file; refuse anything else under its name."""
-    final = out / of.name
-    if final.is_symlink():
-        raise _foreign_file(final)
-    refuse_links(out, final.parent)
-    if not final.exists():
-        return False
-    if final.is_file() and sha256_file(final) == of.sha256:
-        return True
-    raise _foreign_file(final)
+    there = od.holds(of.name, of.size, of.sha256)
+    if there is None:
+        raise _foreign_file(od.path / of.name)
+    return there
 
 
 def _check_free_space(out: Path, need: int) -> None:
@@ -501,16 +520,6 @@ def _explain_full_disk(exc: OutputError, out: Path, need: int) -> OutputError:
     return exc
 
 
-def _adopt_existing(final: Path, wf: WeightFile, state: _State, dtype: str | None) -> dict | None:
-    """Accept a file already in OUT only if it is exactly the one we would write."""
-    if final.is_symlink():
-        raise _foreign_file(final)  # never write through, or vouch for, a link
-    if dtype is None and final.stat().st_size == wf.size and sha256_file(final) == wf.sha256:
-        sums = {t.name: TensorSum(t.dtype, t.shape, t.xxh3) for t in wf.tensors}
-        return state.add(final, FileSum(wf.size, wf.sha256), sums)
-    raise _foreign_file(final)
-
-
 def _foreign_file(final: Path) -> OutputError:
     return OutputError(
         f"{final}: already exists and is not the file this delta rebuilds",
@@ -518,16 +527,14 @@ def _foreign_file(final: Path) -> OutputError:
     )
 
 
-def _write_converted_index(out: Path, files: list[FileJob], checksums: Checksums) -> None:
+def _converted_index(files: list[FileJob], checksums: Checksums) -> bytes:
     weight_map = {t.entry.name: job.file.name for job in files for t in job.tensors}
     total = sum(
         ITEMSIZE[checksums.tensors[name].dtype] * int(np.prod(checksums.tensors[name].shape, dtype=np.int64))
         for name in weight_map
     )
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    data = (json.dumps(index, indent=2) + "\n").encode()
-    write_atomic(out / SAFETENSORS_INDEX, data)
-    checksums.files[SAFETENSORS_INDEX] = FileSum(len(data), hashlib.sha256(data).hexdigest())
+    return (json.dumps(index, indent=2) + "\n").encode()
 
 
 def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> list[str]:
@@ -555,6 +562,6 @@ def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> l
                 problems.append(f"base tensor {name}: expected xxh3-128 {want.xxh3}, found {found}")
         bar.close()
         for of in manifest.other_files:
-            if of.mode == "reference" and of.name in base_files and sha256_file(bs.root / of.name) != of.sha256:
+            if of.mode == "reference" and of.name in base_files and bs.digest(of.name) != (of.size, of.sha256):
                 problems.append(f"base file {of.name}: sha256 differs from the base this delta was made from")
     return problems

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import AtomicWriter, copy_atomic, output_error, refuse_links, refuse_overlap, remove_partials, write_atomic
 from .base_stream import _EMPTY, BaseStream
 from .checkpoint import Checkpoint
 from .encode_plan import EncodePlan, FilePlan, TensorPlan, plan_encode
@@ -23,9 +23,10 @@ from .errors import InputFileError, OutputError, UsageError, XorWeightsError
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, Exposure, assess, enforce
 from .hub import resolve_checkpoint
 from .kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash
-from .locks import FolderLock
+from .locks import LOCK_NAME, FolderLock
 from .manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     SHIPPED_DIR,
     BaseRef,
     BaseTensor,
@@ -37,11 +38,11 @@ from .manifest import (
     parse_manifest,
     parse_weight_file,
 )
+from .outdir import WORK_DIR, OutputDir
+from .overlap import refuse_overlap
 from .pipeline import BufferPool, ordered, resolve_jobs
 from .progress import byte_bar
 from .report import delta_size
-
-STATE_DIR = ".xorweights"
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ class _Frame:
 class _Encoder:
     """Writes one data file per weight file; frames are made on ``jobs`` threads."""
 
-    def __init__(self, delta: Path, codec: FrameCodec, frame_bytes: int, jobs: int, bar: tqdm) -> None:
-        self.delta = delta
+    def __init__(self, out: OutputDir, codec: FrameCodec, frame_bytes: int, jobs: int, bar: tqdm) -> None:
+        self.out = out
         self.codec = codec
         self.frame_bytes = frame_bytes
         self.jobs = jobs
@@ -109,7 +110,7 @@ class _Encoder:
         file_hash = hashlib.sha256(plan.prefix)
         target_hashes = [new_tensor_hash() for _ in tensors]
         sizes: list[list[tuple[int, int]]] = [[] for _ in tensors]
-        writer = AtomicWriter(self.delta / plan.data_file)
+        writer = self.out.writer(plan.data_file, replace=True)  # an earlier run's, whose state was lost
         with writer as out:
             for fr, (raw, base, frame, buffers) in ordered(work, frames, self.jobs):
                 file_hash.update(raw)
@@ -193,36 +194,33 @@ def encode(
         if dry_run:
             return EncodeResult(None, plan, exposure, 0)
         enforce(exposure, max_unprotected, allow_unprotected)
-        try:
-            delta.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise output_error(exc, delta) from None
-        with FolderLock(delta):
-            if (delta / MANIFEST_NAME).exists():  # another encode finished while we planned
+        _refuse_foreign_entries(delta, delta, plan)  # before OutputDir adds its work folder
+        with OutputDir(delta) as od, FolderLock(od):
+            refuse_overlap(delta, {"fine-tune": finetuned, "base": base})  # again, now that it exists
+            if od.lstat(MANIFEST_NAME) is not None:  # another encode finished while we planned
                 raise OutputError(f"{delta}: already holds a finished delta", "choose a new output folder")
-            state_dir = delta / STATE_DIR
-            state_dir.mkdir(parents=True, exist_ok=True)
+            _refuse_foreign_entries(od.fd, delta, plan)
             bar = byte_bar(sum(t.target.nbytes for t in plan.tensors()), "encode", progress)
-            encoder = _Encoder(delta, codec, frame_bytes, resolve_jobs(jobs), bar)
+            encoder = _Encoder(od, codec, frame_bytes, resolve_jobs(jobs), bar)
             weight_files = []
             for fp in plan.weight_files:
-                state_path = state_dir / f"{fp.data_file}.json"
+                state_name = f"{fp.data_file}.json"
                 fingerprint = _fingerprint(fp, compression, frame_bytes)
-                done = _resume(state_path, fingerprint, delta / fp.data_file)
+                done = _resume(od, state_name, fingerprint, fp.data_file)
                 if done is None:
                     done = encoder.encode_file(fp)
                     record = {"fingerprint": fingerprint, "file": asdict(done)}
-                    write_atomic(state_path, json.dumps(record).encode())
+                    od.write_work(state_name, json.dumps(record).encode())
                 else:
                     bar.update(sum(t.nbytes for t in done.tensors))
                 weight_files.append(done)
             bar.close()
             for of in plan.other_files:
+                rel = f"{SHIPPED_DIR}/{of.name}"
                 if of.name in plan.generated:
-                    refuse_links(delta, delta / SHIPPED_DIR / of.name)
-                    write_atomic(delta / SHIPPED_DIR / of.name, plan.generated[of.name])
+                    _write_ours(od, rel, plan.generated[of.name])
                 elif of.mode == "ship":
-                    _ship(ft.root / of.name, delta, of)
+                    _ship(ft, od, of)
             manifest = Manifest(
                 BaseRef(
                     base_description or f"the base checkpoint used at encode time ({base_ref.name})",
@@ -237,32 +235,81 @@ def encode(
             )
             text = manifest.to_json()
             parse_manifest(text, str(delta / MANIFEST_NAME))  # never publish a manifest our own decoder refuses
-            write_atomic(delta / MANIFEST_NAME, text.encode())
-            shutil.rmtree(state_dir, ignore_errors=True)
-            remove_partials(delta)
+            od.write_bytes(MANIFEST_NAME, text.encode())
+            od.sweep(_written_names(plan) + [f"{WORK_DIR}/{fp.data_file}.json" for fp in plan.weight_files])
+            od.remove_work([f"{fp.data_file}.json" for fp in plan.weight_files] + [LOCK_NAME])
         return EncodeResult(manifest, plan, exposure, delta_size(delta))
 
 
-def _resume(state_path: Path, fingerprint: dict[str, object], data_path: Path) -> WeightFile | None:
+def _written_names(plan: EncodePlan) -> list[str]:
+    """Every path encode writes below the delta folder, the manifest included."""
+    shipped = [f"{SHIPPED_DIR}/{of.name}" for of in plan.other_files if of.mode == "ship"]
+    return [fp.data_file for fp in plan.weight_files] + shipped + [MANIFEST_NAME]
+
+
+def _refuse_foreign_entries(folder: int | Path, where: Path, plan: EncodePlan) -> None:
+    """Refuse to write into a folder holding anything but an xorweights delta in progress.
+
+    A delta in progress holds only our work folder, data files and shipped
+    files; encode may replace those (its own earlier output), never anything else.
+    """
+    ours = {WORK_DIR, SHIPPED_DIR} | {fp.data_file for fp in plan.weight_files}
+    try:
+        with os.scandir(folder) as entries:
+            foreign = sorted(e.name for e in entries if e.name not in ours)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there yet; OutputDir reports a file in the way
+    if foreign:
+        raise OutputError(
+            f"{where}: holds {foreign[0]}"
+            + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+            + ", which is not part of an xorweights delta in progress",
+            "encode into a new, empty folder",
+        )
+
+
+def _write_ours(od: OutputDir, rel: str, data: bytes) -> None:
+    """Write a file of the delta in progress, replacing an earlier run's version of it."""
+    if od.holds(rel, len(data), hashlib.sha256(data).hexdigest()):
+        return
+    writer = od.writer(rel, replace=True)
+    with writer as f:
+        f.write(data)
+        writer.commit()
+
+
+def _resume(od: OutputDir, state_name: str, fingerprint: dict[str, object], data_file: str) -> WeightFile | None:
     """The finished entry for a data file, if an earlier run made it from the same inputs."""
     try:
-        record = json.loads(state_path.read_text())
+        data = od.read_work(state_name, MAX_MANIFEST_BYTES)
+        if data is None:
+            return None
+        record = json.loads(data)
         if record["fingerprint"] != fingerprint:
             return None
-        wf = parse_weight_file(record["file"], str(state_path))
-    except (OSError, ValueError, KeyError, TypeError, XorWeightsError):
+        wf = parse_weight_file(record["file"], str(od.path / WORK_DIR / state_name))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, XorWeightsError):
         return None
-    if not data_path.is_file() or data_path.stat().st_size != sum(s for t in wf.tensors for s, _ in t.frames):
+    st = od.lstat(data_file)
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != sum(s for t in wf.tensors for s, _ in t.frames):
         return None
     return wf
 
 
-def _ship(src: Path, delta: Path, of: OtherFile) -> None:
-    dst = delta / SHIPPED_DIR / of.name
-    refuse_links(delta, dst)
+def _ship(ft: Checkpoint, od: OutputDir, of: OtherFile) -> None:
+    """Copy a file of the fine-tune into ``files/``, as planned: same size, same sha256, read through its checks."""
+    src = ft.root / of.name
+    changed = InputFileError(f"{src}: changed while encoding", "run encode again once the fine-tune is final")
+    f, size = ft.input.open(src)
 
     def check(found: str) -> None:
         if found != of.sha256:
-            raise InputFileError(f"{src}: changed while encoding", "run encode again once the fine-tune is final")
+            raise changed
 
-    copy_atomic(src, dst, check)
+    with f:
+        if size != of.size:
+            raise changed
+        rel = f"{SHIPPED_DIR}/{of.name}"
+        if od.holds(rel, of.size, of.sha256):
+            return
+        od.copy_in(rel, f, of.size, src, check, replace=True)

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, TensorRef, WeightFileRef, is_foreign_weight
+from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, TensorRef, is_foreign_weight
 from .dtypes import can_cast
-from .kernel import sha256_file
 from .manifest import DATA_SUFFIX, OtherFile
 from .renames import auto_renames, base_name_map
 from .safetensors_io import build_header
@@ -106,7 +105,7 @@ def plan_encode(
     for i, f in enumerate(finetuned.weight_files, 1):
         tensors = tuple(plan_tensor(finetuned.tensors[n], counterpart(n)) for n in f.names)
         if f.safetensors is not None:
-            name, prefix = f.path.name, _prefix_of(f)
+            name, prefix = f.path.name, f.safetensors.prefix
         else:
             name = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
             prefix, _ = build_header(
@@ -116,7 +115,7 @@ def plan_encode(
     generated = _converted_index(files) if finetuned.format != "safetensors" else {}
     base_digests: dict[str, set[str]] = {}
     for rel in base.other_files():
-        base_digests.setdefault(sha256_file(base.root / rel), set()).add(rel)
+        base_digests.setdefault(base.digest(rel)[1], set()).add(rel)
     others: list[OtherFile] = []
     not_shipped: list[str] = []
     aliases: dict[str, str] = {}
@@ -130,23 +129,16 @@ def plan_encode(
         if is_foreign_weight(rel):
             not_shipped.append(f"{rel} (weights in a format the delta does not carry)")
             continue
-        path = finetuned.root / rel
-        digest = sha256_file(path)
+        size, digest = finetuned.digest(rel)
         twins = base_digests.get(digest, set())
         # An index describes the fine-tune's own shards: ship it, so a base in another container still decodes.
         mode = "reference" if rel in twins and rel != SAFETENSORS_INDEX else "ship"
         if twins and mode == "ship":
             aliases[rel] = min(twins)
-        others.append(OtherFile(rel, path.stat().st_size, digest, mode))
+        others.append(OtherFile(rel, size, digest, mode))
     for rel, data in generated.items():
         others.append(OtherFile(rel, len(data), hashlib.sha256(data).hexdigest(), "ship"))
     return EncodePlan(files, others, not_shipped, aliases, generated, automatic)
-
-
-def _prefix_of(f: WeightFileRef) -> bytes:
-    assert f.safetensors is not None
-    with f.path.open("rb") as fh:
-        return fh.read(f.safetensors.data_start)
 
 
 def _converted_index(files: list[FilePlan]) -> dict[str, bytes]:

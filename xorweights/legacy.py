@@ -26,8 +26,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import re
 import shutil
+import stat
 import zlib
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -38,13 +40,15 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import AtomicWriter, output_error, refuse_links, refuse_overlap, remove_partials
 from .encode import EncodeResult, encode
 from .errors import BaseMismatchError, InputFileError, OutputError, UsageError, VerifyFailed
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT
+from .inputs import InputFolder
 from .kernel import xor_into
 from .locks import FolderLock
 from .manifest import MANIFEST_NAME
+from .outdir import WORK_DIR, OutputDir
+from .overlap import refuse_overlap
 from .progress import byte_bar
 
 
@@ -56,6 +60,7 @@ def _checksums_dir() -> Path:
 
 CHECKSUMS_DIR = _checksums_dir()
 DEFAULT_CHUNK_BYTES = 16 << 20
+MAX_MD5_LIST_BYTES = 1 << 20  # ~10,000 lines; a release's lists have a few dozen
 # gzip's magic number plus its only compression method (deflate). The third
 # byte makes a false match on a plain payload, whose first bytes are the XOR of
 # two files of the same kind (and so mostly zero), even less likely.
@@ -86,7 +91,7 @@ def read_md5_list(path: str | Path) -> Md5List:
     """Parse an md5sum-format file; blank lines and ``#`` comments are skipped."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = InputFolder(path).read(path, MAX_MD5_LIST_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise InputFileError(f"{path}: no such md5 list", "check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -186,24 +191,35 @@ class LegacyResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _is_gzip(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+def _checked_file(folder: InputFolder, path: Path) -> tuple[Path, bool]:
+    """The real path of a regular file below ``folder`` (links checked), and whether it starts like gzip."""
+    f, _ = folder.open(path)
+    with f:
+        return folder.resolve(path), f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
 
 
 def plan_legacy(payload: Path, base: Path, out_list: Md5List | None) -> tuple[list[LegacyFile], list[str]]:
-    """Every top-level file of ``payload`` as a :class:`LegacyFile`; also the names of skipped subfolders."""
+    """Every top-level file of ``payload`` as a :class:`LegacyFile`; also the names of skipped subfolders.
+
+    Payload and base files are read only through :class:`InputFolder`: a link
+    leading out of its folder, or anything but a regular file, is refused.
+    """
     if not payload.is_dir():
         raise InputFileError(f"{payload}: no such folder", "point at the folder of the release's XOR files")
     if not base.is_dir():
         raise InputFileError(f"{base}: no such folder", "point at the folder of the base files the release needs")
+    payload_in, base_in = InputFolder(payload), InputFolder(base)
     files, ignored = [], []
     for p in sorted(payload.iterdir()):
-        if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
             ignored.append(p.name)
             continue
-        if not p.is_file():
-            continue
+        if p.name == WORK_DIR:
+            raise InputFileError(
+                f"{p}: has the name of xorweights' own work folder, so it cannot be decoded into OUT",
+                "rename it in the payload; the legacy codec gives files no meaning by name",
+            )
+        real, gzipped = _checked_file(payload_in, p)
         counterpart = base / p.name
         if counterpart.is_dir():
             raise InputFileError(
@@ -211,10 +227,10 @@ def plan_legacy(payload: Path, base: Path, out_list: Md5List | None) -> tuple[li
                 "point --base at the folder of the base files the release needs",
             )
         expected = out_list.sums.get(p.name) if out_list else None
-        if counterpart.is_file():
-            files.append(LegacyFile(p.name, p, counterpart, _is_gzip(p), expected))
+        if counterpart.exists() or counterpart.is_symlink():
+            files.append(LegacyFile(p.name, real, _checked_file(base_in, counterpart)[0], gzipped, expected))
         else:  # copied byte for byte, as the codec copied added_tokens.json, even if it looks like gzip
-            files.append(LegacyFile(p.name, p, None, False, expected))
+            files.append(LegacyFile(p.name, real, None, False, expected))
     if not files:
         raise InputFileError(f"{payload}: holds no files", "point at the folder of the release's XOR files")
     if out_list is not None:
@@ -261,9 +277,11 @@ def _read_full(f: io.BufferedIOBase, buf: np.ndarray) -> int:
     return got
 
 
-def md5_file(path: Path, bar: tqdm | None = None) -> str:
+def md5_file(folder: InputFolder, path: Path, bar: tqdm | None = None) -> str:
+    """md5 of a regular file below ``folder`` (links checked)."""
     h = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
+    f, _ = folder.open(path)
+    with f:
         while block := f.read(1 << 20):
             h.update(block)
             if bar is not None:
@@ -271,10 +289,34 @@ def md5_file(path: Path, bar: tqdm | None = None) -> str:
     return h.hexdigest()
 
 
+# A gzip payload decompresses to the fine-tune's file, which is its base file
+# plus what fine-tuning added: a few vocabulary rows in an embedding shard (16
+# rows of LLaMA-65B are 0.5 MB), a longer tokenizer or config. An eighth more
+# than the base, and at least 64 MiB for small files, covers that many times
+# over. The compression ratio cannot tell a bomb from a real payload: an
+# unchanged file XORs to zeros, which deflate shrinks 1000:1 just like a bomb.
+GUNZIP_MARGIN_BYTES = 64 << 20
+
+
+def gunzip_limit(base_bytes: int) -> int:
+    """The most bytes a gzip payload may decompress to when XORed with a base file of ``base_bytes``."""
+    return base_bytes + max(base_bytes // 8, GUNZIP_MARGIN_BYTES)
+
+
+def _gunzip_too_big(job: LegacyFile, limit: int, base_bytes: int) -> InputFileError:
+    return InputFileError(
+        f"{job.payload}: decompresses past {limit} bytes, more than its base file {job.base} "
+        f"of {base_bytes} bytes allows",
+        "re-download this XOR file",
+    )
+
+
 def xor_file(job: LegacyFile, dst: BinaryIO, chunk_bytes: int, bar: tqdm | None = None) -> str:
     """Write the payload XOR the base (zero-padded or truncated to the payload's length) to ``dst``; return its md5.
 
-    Memory stays at two buffers of ``chunk_bytes`` whatever the file size.
+    Memory stays at two buffers of ``chunk_bytes`` whatever the file size. A
+    gzip payload is refused with :class:`InputFileError` before it writes more
+    than :func:`gunzip_limit` of its base file's size.
     """
     md5 = hashlib.md5(usedforsecurity=False)
     data = np.empty(chunk_bytes, dtype=np.uint8)
@@ -283,9 +325,15 @@ def xor_file(job: LegacyFile, dst: BinaryIO, chunk_bytes: int, bar: tqdm | None 
         raw = stack.enter_context(job.payload.open("rb"))
         src: io.BufferedIOBase = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")) if job.gzip else raw
         base = stack.enter_context(job.base.open("rb")) if job.base is not None else None
-        consumed = 0
+        base_bytes = os.fstat(base.fileno()).st_size if base is not None else 0
+        # A plain payload writes its own size; only a decompressed one needs a bound from a real size.
+        limit = gunzip_limit(base_bytes) if job.gzip else None
+        written = consumed = 0
         try:
             while n := _read_full(src, data):
+                if limit is not None and written + n > limit:
+                    raise _gunzip_too_big(job, limit, base_bytes)
+                written += n
                 chunk = data[:n]
                 if base is not None:
                     m = _read_full(base, key[:n])
@@ -366,23 +414,20 @@ def decode_legacy(
     for name in ignored:
         result.warnings.append(f"{name}/: a subfolder of the payload; the legacy codec decodes top-level files only")
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise output_error(exc, out) from None
     mismatched: list[str] = []
-    with FolderLock(out):
+    with OutputDir(out) as od, FolderLock(od):
+        refuse_overlap(out, {"payload": payload, "base": base})  # again, now that it exists
         bar = byte_bar(sum(f.payload.stat().st_size for f in pending), "decode-legacy", progress)
         for job in files:
             if job.name in done:
                 result.skipped.append(job.name)
                 continue
-            if _write_one(job, out / job.name, chunk_bytes, bar):
+            if _write_one(job, od, chunk_bytes, bar, resumes=out_list is not None):
                 result.written.append(job.name)
             else:
                 mismatched.append(job.name)
         bar.close()
-        remove_partials(out)
+        od.sweep([f.name for f in files])
     result.copied = [f.name for f in files if f.base is None and f.name in result.written]
     for name in result.copied:
         result.warnings.append(
@@ -407,22 +452,29 @@ def decode_legacy(
 
 
 def _already_done(out: Path, files: list[LegacyFile], progress: bool) -> set[str]:
-    """Names already in ``out`` with their published md5; anything else under an output name is refused."""
-    present = []
-    for job in files:
-        final = out / job.name
-        refuse_links(out, final)
-        if final.is_symlink() or final.exists():
-            if job.expected_md5 is None or not final.is_file():
-                raise _foreign(final)
-            present.append(job)
-    bar = byte_bar(sum((out / j.name).stat().st_size for j in present), "check existing", progress)
+    """Names already in ``out`` with their published md5; anything else under an output name is refused.
+
+    Looked at through the held folder without following links: a link under
+    an output name is refused, never read through or vouched for.
+    """
+    if not out.is_dir():
+        return set()
     done = set()
-    for job in present:
-        if md5_file(out / job.name, bar) != job.expected_md5:
-            raise _foreign(out / job.name)
-        done.add(job.name)
-    bar.close()
+    with OutputDir(out) as od:
+        present = []
+        for job in files:
+            st = od.lstat(job.name)
+            if st is None:
+                continue
+            if job.expected_md5 is None or not stat.S_ISREG(st.st_mode):
+                raise _foreign(out / job.name)
+            present.append((job, st.st_size))
+        bar = byte_bar(sum(size for _, size in present), "check existing", progress)
+        for job, _ in present:
+            if od.digest(job.name, hashlib.md5(usedforsecurity=False), bar=bar) != job.expected_md5:
+                raise _foreign(out / job.name)
+            done.add(job.name)
+        bar.close()
     return done
 
 
@@ -438,7 +490,8 @@ def _check_base(base: Path, base_list: Md5List, files: list[LegacyFile], progres
     needed = [f.name for f in files if f.name in base_list.sums]
     present = [n for n in needed if (base / n).is_file()]
     bar = byte_bar(sum((base / n).stat().st_size for n in present), "check base", progress)
-    differ = [n for n in present if md5_file(base / n, bar) != base_list.sums[n]]
+    base_in = InputFolder(base)
+    differ = [n for n in present if md5_file(base_in, base / n, bar) != base_list.sums[n]]
     bar.close()
     missing = [n for n in needed if n not in present]
     if differ or missing:
@@ -452,9 +505,9 @@ def _check_base(base: Path, base_list: Md5List, files: list[LegacyFile], progres
     return present
 
 
-def _write_one(job: LegacyFile, final: Path, chunk_bytes: int, bar: tqdm) -> bool:
+def _write_one(job: LegacyFile, out: OutputDir, chunk_bytes: int, bar: tqdm, *, resumes: bool) -> bool:
     """Decode one file; give it its final name only if it has the expected md5. False if it did not."""
-    writer = AtomicWriter(final)
+    writer = out.writer(job.name, resumes=resumes)
     with writer as dst:
         md5 = xor_file(job, dst, chunk_bytes, bar)
         if job.expected_md5 is not None and md5 != job.expected_md5:
@@ -518,14 +571,15 @@ def migrate(
     no output list to tell finished files apart).
     """
     payload, base, delta = Path(payload), Path(base), Path(out)
+    refuse_overlap(delta, {"payload": payload, "base": base})
     if (delta / MANIFEST_NAME).exists():
         raise OutputError(
             f"{delta}: already holds a finished delta", "choose a new output folder or remove the old delta"
         )
     work = decoded_folder(delta)
     refuse_overlap(work, {"payload": payload, "base": base})
-    if work.exists() and _lists(_names(payload), checksums, base_md5, out_md5)[2] is None:
-        shutil.rmtree(work)  # no output list to tell finished files from foreign ones: start afresh
+    fresh = _lists(_names(payload), checksums, base_md5, out_md5)[2] is None
+    _scratch_folder(work, fresh)  # no output list to tell finished files from foreign ones: start afresh
     legacy = decode_legacy(
         payload,
         base,
@@ -554,6 +608,34 @@ def migrate(
     )
     shutil.rmtree(work, ignore_errors=True)
     return MigrateResult(delta, legacy, encoded)
+
+
+def _scratch_folder(work: Path, fresh: bool) -> None:
+    """Make migrate's scratch folder, or take up our own from an interrupted run; never a link planted at its name.
+
+    A folder of ours holds xorweights' work folder (decode-legacy's lock). It
+    is removed first when ``fresh``; anything else at that name is refused.
+    """
+    def is_folder(path: Path) -> bool | None:
+        try:
+            return stat.S_ISDIR(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            return None
+
+    if is_folder(work) is not None:
+        if not (is_folder(work) and is_folder(work / WORK_DIR)):
+            raise OutputError(
+                f"{work}: migrate's scratch folder already exists and was not made by xorweights",
+                "remove it, or write the delta somewhere else",
+            )
+        if not fresh:
+            return
+        shutil.rmtree(work)  # fd-based on Linux: never follows a link inside
+    try:
+        os.mkdir(work, 0o700)  # fails on anything, a link included, that appeared at the name
+        os.mkdir(work / WORK_DIR)  # marks it as ours from the start
+    except OSError as exc:
+        raise OutputError(f"{work}: cannot create migrate's scratch folder ({exc.strerror})") from None
 
 
 def _names(folder: Path) -> list[str]:

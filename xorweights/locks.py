@@ -1,8 +1,9 @@
 """One writer per output folder: a lock file that dies with its process.
 
-The lock is ``fcntl.flock`` on ``FOLDER/.xorweights/lock``. The kernel drops it
-when the holder exits, even on kill -9, so a lock left by a dead process is
-simply taken over; the pid written inside only serves the messages.
+The lock is ``fcntl.flock`` on ``FOLDER/.xorweights/lock``, opened relative to
+the held output folder without following links. The kernel drops it when the
+holder exits, even on kill -9, so a lock left by a dead process is simply
+taken over; the pid written inside only serves the messages.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
-from .atomic import output_error, refuse_links
 from .errors import OutputError
+from .outdir import OutputDir, output_error
 
-LOCK_DIR = ".xorweights"
+LOCK_NAME = "lock"
 
 
 def _alive(pid: int) -> bool:
@@ -32,18 +33,29 @@ def _alive(pid: int) -> bool:
 class FolderLock:
     """Hold the lock on ``folder`` for the duration of a ``with`` block."""
 
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / LOCK_DIR / "lock"
+    def __init__(self, folder: OutputDir | Path) -> None:
+        self._own = not isinstance(folder, OutputDir)  # opened here, closed here
+        self.folder = OutputDir(folder) if not isinstance(folder, OutputDir) else folder
+        self.path = self.folder.path / ".xorweights" / LOCK_NAME
         self.fd: int | None = None
         self.took_over_from: int | None = None  # pid of a dead holder whose lock we took
 
     def __enter__(self) -> FolderLock:
-        refuse_links(self.path.parent.parent, self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            return self._take()
+        except BaseException:
+            if self._own:
+                self.folder.close()
+            raise
+
+    def _take(self) -> FolderLock:
+        try:
+            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=self.folder.work_fd)
         except OSError as exc:
             raise output_error(exc, self.path) from None
+        if os.fstat(fd).st_nlink != 1:  # a hard link planted at our name: truncating it would harm its other name
+            os.close(fd)
+            raise OutputError(f"{self.path}: has other names (hard links); not ours", f"delete {self.path}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -51,7 +63,7 @@ class FolderLock:
             os.close(fd)
             who = f"pid {owner[0]} on {owner[1]}" if len(owner) >= 2 else "another process"
             raise OutputError(
-                f"{self.path.parent.parent}: another xorweights ({who}) is writing into this folder",
+                f"{self.folder.path}: another xorweights ({who}) is writing into this folder",
                 "wait for it to finish, or use another output folder",
             ) from None
         previous = os.pread(fd, 200, 0).decode(errors="replace").split()
@@ -71,3 +83,5 @@ class FolderLock:
             os.ftruncate(self.fd, 0)  # an empty lock file: nobody holds it
             os.close(self.fd)  # closing releases the flock
             self.fd = None
+        if self._own:
+            self.folder.close()

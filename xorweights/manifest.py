@@ -15,6 +15,7 @@ from typing import Any
 from . import __version__
 from .dtypes import ITEMSIZE, can_cast
 from .errors import ManifestError
+from .inputs import InputFolder
 
 DELTA_FORMAT = "xorweights-delta"
 DELTA_VERSION = 2  # 2 added "exposure"; every version back to 1 still decodes
@@ -27,6 +28,14 @@ CHECKSUMS_NAME = "xorweights-checksums.json"  # written into OUT by decode --dty
 CHECKSUM_VERSION = 1
 
 METHODS = ("xor", "partial_xor", "raw")
+
+# A manifest is read whole into memory, so its size is capped before a byte is
+# parsed: 64 MiB holds about 110,000 tensors. JSON costs memory per value, not
+# per byte (``[[],[],...]`` takes ~25x its size as Python lists), so a manifest
+# denser in strings, lists and objects than one value per 6 bytes is refused
+# too: ours average one per 13. Together they keep parsing under ~0.5 GB.
+MAX_MANIFEST_BYTES = 64 << 20
+MIN_BYTES_PER_VALUE = 6
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,7 @@ class Manifest:
 
     def to_json(self) -> str:
         obj = {"format": DELTA_FORMAT, "format_version": self.format_version, **asdict(self)}
-        return json.dumps(obj, indent=1) + "\n"
+        return json.dumps(obj) + "\n"
 
 
 # ---------------------------------------------------------------- validation
@@ -274,10 +283,23 @@ def parse_weight_file(obj: Any, where: str) -> WeightFile:
     return wf
 
 
+def load_json(text: str, where: str, cap: int = MAX_MANIFEST_BYTES) -> Any:
+    """Parse JSON from a stranger, refusing text longer than ``cap`` or too dense to parse in bounded memory."""
+    if len(text) > cap:
+        raise ManifestError(f"{where}: {len(text)} characters, more than the {cap} allowed", "the file is damaged or hostile")
+    values = text.count('"') // 2 + text.count("[") + text.count("{")
+    if values * MIN_BYTES_PER_VALUE > len(text) + 1024:
+        raise ManifestError(
+            f"{where}: {values} JSON values in {len(text)} characters, denser than any manifest xorweights writes",
+            "the file is damaged or hostile",
+        )
+    return json.loads(text)
+
+
 def parse_manifest(text: str, where: str) -> Manifest:
     """Parse and validate a delta manifest."""
     try:
-        obj = json.loads(text)
+        obj = load_json(text, where)
     except (ValueError, RecursionError) as exc:
         raise ManifestError(f"{where}: not valid JSON ({type(exc).__name__}: {exc})") from None
     r = _Reader(obj, where)
@@ -352,14 +374,16 @@ def parse_manifest(text: str, where: str) -> Manifest:
 
 def load_manifest(delta: Path) -> Manifest:
     path = Path(delta) / MANIFEST_NAME
-    if not path.is_file():
+    try:
+        data = InputFolder(delta).read(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
         hint = "run `xorweights encode` to make a delta, or point at the folder that holds " + MANIFEST_NAME
         if Path(delta).is_dir():
-            raise ManifestError(f"{delta}: no {MANIFEST_NAME}; this is not a complete delta", hint)
-        raise ManifestError(f"{delta}: no such delta folder", hint)
+            raise ManifestError(f"{delta}: no {MANIFEST_NAME}; this is not a complete delta", hint) from None
+        raise ManifestError(f"{delta}: no such delta folder", hint) from None
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: cannot read ({exc})") from None
     return parse_manifest(text, str(path))
 
@@ -401,7 +425,7 @@ class Checksums:
 def load_checksums(path: Path) -> Checksums:
     where = str(path)
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = load_json(InputFolder(path).read(Path(path), MAX_MANIFEST_BYTES).decode("utf-8"), where)
     except (OSError, ValueError, RecursionError) as exc:
         raise ManifestError(
             f"{where}: cannot read checksum manifest ({exc})", "pass a file made by `xorweights checksum`"

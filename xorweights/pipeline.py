@@ -9,11 +9,12 @@ in flight, which bounds memory whatever the model size.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -75,3 +76,52 @@ class BufferPool:
     def put(self, buffer: np.ndarray) -> None:
         with self._lock:
             self._free.append(buffer)
+
+
+class BackgroundHash:
+    """Feeds a hash on a thread of its own, in order, so a whole-file sha256 costs no time on the consumer.
+
+    ``update(data, buffer)`` queues ``data``; once it is hashed, ``release(buffer)``
+    hands the buffer back (to a :class:`BufferPool`). At most ``depth`` updates
+    wait, which bounds the memory held. hashlib releases the GIL on large
+    inputs, so the hash runs beside the frame workers.
+    """
+
+    def __init__(self, hash_: Any, release: Callable[[Any], None], depth: int = 4) -> None:
+        self._hash = hash_
+        self._release = release
+        self._queue: queue.Queue[tuple[Any, Any] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="xorweights-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            data, buffer = item
+            if self._error is None:
+                try:
+                    self._hash.update(data)
+                except BaseException as exc:  # reported by hexdigest(); keep draining so update() never blocks
+                    self._error = exc
+            if buffer is not None:
+                self._release(buffer)
+
+    def update(self, data: Any, buffer: Any = None) -> None:
+        self._queue.put((data, buffer))
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        return str(self._hash.hexdigest())
+
+    def __enter__(self) -> BackgroundHash:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()

@@ -8,8 +8,10 @@ how to push the delta, which stays complete on disk, again.
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
+from urllib.parse import quote
 
 from huggingface_hub import HfApi
 from huggingface_hub.utils import (
@@ -20,10 +22,11 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
-from .atomic import write_atomic
 from .errors import HubAuthError, HubError, InputFileError, UsageError
 from .hub_client import CONNECTION_ERRORS
 from .manifest import SHIPPED_DIR, Manifest, load_manifest
+from .outdir import write_file
+from .printable import printable
 from .report import DeltaSummary, delta_size, summarize
 
 CARD_NAME = "README.md"  # not listed in the manifest; decode ignores it
@@ -47,14 +50,47 @@ def check_repo_id(repo_id: str) -> None:
         raise UsageError(f"{repo_id!r} is not a Hub repository id ({exc})", hint) from None
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+# Markdown characters that can start a link, an image, HTML, an entity, a code
+# span, emphasis or strikethrough, or end a table cell. Each is made literal
+# with a backslash (CommonMark allows one before any ASCII punctuation); the
+# backslash comes first so that escapes already in the text stay literal too.
+# "_" is left alone: inside names like embed_tokens it emphasizes nothing.
+_MARKDOWN = "\\`*[]<>&|~"
+
+
+def _text(text: object) -> str:
+    """A name, path or description from the manifest, as inert Markdown text on one line.
+
+    Control characters are escaped as on the terminal, so a newline cannot
+    start a new block (a heading, a list, ``---``, a fence); Markdown
+    punctuation is escaped so the text cannot become a link, HTML or a code
+    span, nor break out of a table cell.
+    """
+    escaped = printable(text)
+    for char in _MARKDOWN:
+        escaped = escaped.replace(char, "\\" + char)
+    return escaped
+
+
+def _code(text: str) -> str:
+    """``text`` as an inline code span, however many backticks it holds."""
+    text = printable(text)
+    run = max((len(r) for r in re.findall("`+", text)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _arg(text: str) -> str:
+    """``text`` as one shell word on one line, for the commands in the card's code blocks."""
+    return shlex.quote(printable(text))
 
 
 def model_card(manifest: Manifest, summary: DeltaSummary, repo_id: str) -> str:
     """The README.md for the Hub repository ``repo_id`` that holds this delta."""
     base = manifest.base
-    base_arg = shlex.quote(base.repo_id) if base.repo_id else "PATH/TO/BASE"
+    base_arg = _arg(base.repo_id) if base.repo_id else "PATH/TO/BASE"
+    repo_arg = _arg(repo_id)
     lines = [
         "---",
         "tags:",
@@ -63,23 +99,28 @@ def model_card(manifest: Manifest, summary: DeltaSummary, repo_id: str) -> str:
         "library_name: xorweights",
         "---",
         "",
-        f"# {repo_id}",
+        f"# {_text(repo_id)}",
         "",
         "This repository holds a per-tensor XOR delta of a fine-tuned model, not a model you can load.",
         "Each tensor of the fine-tune was XORed with the tensor of the same name in its base model,",
         "so only someone who has that base can rebuild the fine-tune, with",
-        f"[xorweights](https://pypi.org/project/xorweights/) {summary.tool_version} or later"
+        f"[xorweights](https://pypi.org/project/xorweights/) {_text(summary.tool_version)} or later"
         f" (delta format {summary.format_version}).",
         "",
         "## The base you need",
         "",
-        base.description,
+        # Never at the start of a line: whatever it holds cannot begin a heading, a list or a rule.
+        f"The releaser describes it as: {_text(base.description)}"
+        if base.description
+        else "The releaser gave no description of it.",
         "",
     ]
     if base.repo_id:
-        lines.append(f"- Hub repository: [{base.repo_id}](https://huggingface.co/{base.repo_id})")
+        lines.append(
+            f"- Hub repository: [{_text(base.repo_id)}](https://huggingface.co/{quote(base.repo_id, safe='/')})"
+        )
         if base.revision:
-            lines.append(f"- Revision: `{base.revision}` (decode fetches this one when `--base` names the repo)")
+            lines.append(f"- Revision: {_code(base.revision)} (decode fetches this one when `--base` names the repo)")
         else:
             lines.append("- Revision: not recorded by the releaser")
         lines.append("")
@@ -88,19 +129,19 @@ def model_card(manifest: Manifest, summary: DeltaSummary, repo_id: str) -> str:
         "with the name of any tensor that differs. To check your copy of the base, writing nothing:",
         "",
         "```",
-        f"xorweights decode {repo_id} --base {base_arg} --check-base",
+        f"xorweights decode {repo_arg} --base {base_arg} --check-base",
         "```",
         "",
         "## Rebuild the fine-tune",
         "",
         "```",
         "pip install xorweights",
-        f"xorweights decode {repo_id} --base {base_arg} -o OUT",
+        f"xorweights decode {repo_arg} --base {base_arg} -o OUT",
         "```",
         "",
     ]
     if base.repo_id:
-        lines += [f"`--base` also takes the folder of a copy of {base.repo_id} you already have.", ""]
+        lines += [f"`--base` also takes the folder of a copy of {_text(base.repo_id)} you already have.", ""]
     else:
         lines += ["`PATH/TO/BASE` is the folder of your copy of the base named above.", ""]
     lines += [
@@ -113,16 +154,18 @@ def model_card(manifest: Manifest, summary: DeltaSummary, repo_id: str) -> str:
         "| File | Size (bytes) | sha256 | Comes from |",
         "|---|---:|---|---|",
     ]
-    lines += [f"| {_cell(f.name)} | {f.size} | `{f.sha256}` | rebuilt from the delta |" for f in manifest.weight_files]
+    lines += [
+        f"| {_text(f.name)} | {f.size} | {_code(f.sha256)} | rebuilt from the delta |" for f in manifest.weight_files
+    ]
     for of in manifest.other_files:
         source = "your base" if of.mode == "reference" else f"`{SHIPPED_DIR}/` in this repository"
-        lines.append(f"| {_cell(of.name)} | {of.size} | `{of.sha256}` | {source} |")
+        lines.append(f"| {_text(of.name)} | {of.size} | {_code(of.sha256)} | {source} |")
     lines += [
         "",
         "To check a rebuilt copy at any time, every tensor (xxh3-128) and every file (sha256):",
         "",
         "```",
-        f"xorweights verify OUT --delta {repo_id}",
+        f"xorweights verify OUT --delta {repo_arg}",
         "```",
         "",
         "## What the base does not protect",
@@ -134,11 +177,11 @@ def model_card(manifest: Manifest, summary: DeltaSummary, repo_id: str) -> str:
             "The base cannot mask tensor bytes that have no counterpart in it (rows for added tokens,",
             "new heads, tensors whose shape or dtype does not fit), so anyone can read these in the delta:",
             "",
-            *(f"- {line}" for line in summary.unprotected),
+            *(f"- {_text(line)}" for line in summary.unprotected),
         ]
     else:
         lines.append("Every tensor byte is XORed with the base: none is stored in the clear.")
-    shipped = ", ".join(summary.files_shipped) or "none"
+    shipped = ", ".join(_text(name) for name in summary.files_shipped) or "none"
     lines += [
         "",
         f"Non-tensor files shipped as they are, in `{SHIPPED_DIR}/`: {shipped}.",
@@ -172,7 +215,7 @@ def push_to_hub(delta: str | Path, repo_id: str, private: bool = False, api: HfA
     manifest = load_manifest(delta)
     card = delta / CARD_NAME
     if card.is_symlink() or not card.exists():  # a link would upload whatever it points at
-        write_atomic(card, model_card(manifest, summarize(manifest, delta_size(delta)), repo_id).encode())
+        write_file(card, model_card(manifest, summarize(manifest, delta_size(delta)), repo_id).encode())
     api = api or HfApi()
     retry = push_command(delta, repo_id, private)
     try:

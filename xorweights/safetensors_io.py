@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .dtypes import ITEMSIZE
 from .errors import InputFileError
+from .inputs import InputFolder
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ALIGN = 8
@@ -112,16 +114,24 @@ def parse_header(header: bytes, data_size: int, where: str) -> tuple[list[Tensor
 
 
 class SafetensorsFile:
-    """A safetensors file opened for reading raw tensor bytes through mmap."""
+    """A safetensors file opened for reading raw tensor bytes through mmap.
 
-    def __init__(self, path: Path) -> None:
+    It is opened through ``folder`` (see :mod:`xorweights.inputs`): a link
+    leading out of the checkpoint folder, or anything but a regular file, is
+    refused. The mapping is made later from a second open, which must be the
+    same file as the one whose header was checked.
+    """
+
+    def __init__(self, path: Path, folder: InputFolder | None = None) -> None:
         self.path = path
+        self.folder = folder or InputFolder(path)
         if path.is_symlink() and not path.exists():
             raise InputFileError(f"{path}: broken symbolic link", "fix or replace the link")
-        if not path.is_file():
+        if path.is_dir() or not path.exists():
             raise InputFileError(f"{path}: expected a safetensors file, found a directory or nothing")
-        self.size = path.stat().st_size
-        with path.open("rb") as f:
+        f, self.size = self.folder.open(path)
+        with f:
+            self._identity = _identity(f)
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise InputFileError(f"{path}: truncated, only {self.size} bytes", "re-download it")
@@ -142,9 +152,17 @@ class SafetensorsFile:
         self.by_name = {t.name: t for t in self.tensors}
         self._mmap: mmap.mmap | None = None
 
+    @property
+    def prefix(self) -> bytes:
+        """The bytes before the data: the 8-byte length and the header, exactly as in the file."""
+        return struct.pack("<Q", len(self.header_bytes)) + self.header_bytes
+
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
-            with self.path.open("rb") as f:
+            f, _ = self.folder.open(self.path)
+            with f:
+                if _identity(f) != self._identity:
+                    raise InputFileError(f"{self.path}: changed while being read", "run the same command again")
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._mmap
 
@@ -179,6 +197,11 @@ class SafetensorsFile:
             except BufferError:
                 pass  # a numpy view still points at it; the GC will unmap
             self._mmap = None
+
+
+def _identity(f: BinaryIO) -> tuple[int, int, int, int]:
+    st = os.fstat(f.fileno())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def build_header(
