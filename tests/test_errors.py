@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import Result
-from conftest import run, tree_digest
+from conftest import partials, run, tree_digest
 
 from xorweights.fixtures import LlamaSpec, Pair, Tensor, make_base, side_files, write_checkpoint
 
@@ -110,8 +110,10 @@ def write_base(folder: Path, tensors: dict[str, Tensor]) -> Path:
 
 
 def weight_files(out: Path) -> list[str]:
-    """Every weight file in ``out``, finished or partial."""
-    return sorted(p.name for p in out.rglob("*safetensors*")) if out.exists() else []
+    """Every weight file in ``out``, finished or partial (partial files have hashed names in .xorweights/)."""
+    if not out.exists():
+        return []
+    return sorted([p.name for p in out.rglob("*safetensors*")] + [p.name for p in partials(out)])
 
 
 # ---------------------------------------------------------------- wrong base

@@ -68,6 +68,12 @@ class OutputError(XorWeightsError):
     default_hint = "choose another output folder"
 
 
+class NotEnoughMemoryError(XorWeightsError):
+    """Holding what was asked for would take more memory than the machine has available."""
+
+    default_hint = "use iter_state_dict to take one tensor at a time, or decode to disk with `xorweights decode`"
+
+
 class VerifyFailed(XorWeightsError):
     """A checkpoint does not match the checksums it was verified against."""
 

@@ -105,7 +105,7 @@ class InputFolder:
             if not stat.S_ISREG(st.st_mode):
                 raise InputFileError(
                     f"{path}: is {_kind(st.st_mode)}; xorweights reads only regular files",
-                    "replace it with the file itself",
+                    "replace it with a regular file holding the data",
                 )
             opened = _opened_path(fd)
             if opened is not None and not self.contains(opened):

@@ -18,12 +18,14 @@ import numpy as np
 
 from .base_stream import BaseStream
 from .checkpoint import Checkpoint
-from .decode import TensorJob, check_tensor, plan_decode
+from .decode import TensorJob, check_tensor, open_delta_file, plan_decode
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
-from .errors import UsageError
+from .errors import NotEnoughMemoryError, UsageError
 from .hub import resolve_delta_and_base
+from .inputs import InputFolder
 from .kernel import FrameCodec, new_tensor_hash
-from .manifest import Manifest
+from .manifest import Manifest, TensorEntry
+from .sizes import human_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -66,38 +68,83 @@ def iter_state_dict(
     Tensors are built as they are asked for, so a caller that drops each
     one holds about one tensor and one frame at a time.
     """
-    target = None
-    if dtype is not None:
-        if dtype not in NAMED:
-            raise UsageError(f"unknown dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
-        target = NAMED[dtype]
-    tensors = _rebuild(*_resolve(delta, base), target)
+    tensors = _rebuild(*_resolve(delta, base), _target(dtype))
     next(tensors)  # plan now, so a base that does not fit is refused by this call
     return tensors
+
+
+def _target(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    if dtype not in NAMED:
+        raise UsageError(f"unknown dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
+    return NAMED[dtype]
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says can be had without swapping (Linux MemAvailable); None if unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(need: int, what: str) -> None:
+    free = available_memory()
+    if free is not None and need > free:
+        raise NotEnoughMemoryError(
+            f"{what} needs {human_bytes(need)} in memory, and only {human_bytes(free)} is available"
+        )
 
 
 def load_state_dict(delta: str | Path, base: str | Path, dtype: str | None = None) -> dict[str, torch.Tensor]:
     """The whole fine-tune as a ``name -> tensor`` dict, ready for ``module.load_state_dict``.
 
     See :func:`iter_state_dict`; this keeps every tensor, so it needs the
-    fine-tune's size in memory.
+    fine-tune's size in memory. The size the manifest declares is compared
+    with the memory available before any tensor is built
+    (:class:`NotEnoughMemoryError`).
     """
-    return dict(iter_state_dict(delta, base, dtype))
+    tensors = _rebuild(*_resolve(delta, base), _target(dtype), keep_all=True)
+    next(tensors)
+    return dict(tensors)
 
 
-def _rebuild(delta: Path, base: Path, manifest: Manifest, target: str | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _rebuild(
+    delta: Path, base: Path, manifest: Manifest, target: str | None, keep_all: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Plan, yield once (a marker: planning passed), then yield each verified tensor.
 
     Being a generator keeps the base open exactly as long as tensors may
     still be asked for: it is closed at the end, on an error, or when the
-    caller drops the iterator.
+    caller drops the iterator. The memory each tensor (or, with
+    ``keep_all``, all of them) will take is checked against what is available.
     """
     codec = FrameCodec(manifest.compression)
     with Checkpoint(base) as bs:
         files = plan_decode(manifest, delta, bs)
+
+        def size(entry: TensorEntry) -> int:
+            width = ITEMSIZE[target] if target and entry.dtype in FLOAT_CASTABLE else ITEMSIZE[entry.dtype]
+            return entry.nbytes // ITEMSIZE[entry.dtype] * width
+
+        entries = [tj.entry for job in files for tj in job.tensors]
+        if keep_all:
+            _check_memory(sum(map(size, entries)), f"the fine-tune in {delta}")
+        else:
+            largest = max(entries, key=size, default=None)
+            if largest is not None:
+                _check_memory(size(largest), f"tensor {largest.name}")
         yield None  # type: ignore[misc]
         for job in files:
-            with job.data_path.open("rb") as data:
+            with open_delta_file(InputFolder(delta), job.data_path, job.stored) as data:
                 src = 0
                 for tj in job.tensors:
                     out_dtype = target if target and tj.entry.dtype in FLOAT_CASTABLE else tj.entry.dtype
