@@ -54,7 +54,9 @@ from test_hostile import (
 
 import xorweights
 from xorweights.errors import OutputError
+from xorweights.decode_state import STATE_NAME
 from xorweights.fixtures import LlamaSpec, Pair, make_pair
+from xorweights.manifest import MAX_MANIFEST_BYTES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -176,6 +178,66 @@ def _wrong_name_prefix(root: Path) -> list[object]:
     return ["encode", ft, "--base", plain, "-o", root / "delta"]
 
 
+def _linked_out_of_the_finetune(root: Path) -> list[object]:
+    pair = _pair(root)
+    (root / "secret.txt").write_text("a releaser's private file")
+    (pair.finetuned / "notes.txt").symlink_to(root / "secret.txt")
+    return ["encode", pair.finetuned, "--base", pair.base, "-o", root / "delta"]
+
+
+def _shipped(change: Callable[[Path, Path], object]) -> Callable[[Path], list[object]]:
+    """A delta whose shipped added_tokens.json is replaced by ``change(path, root)``."""
+
+    def build(root: Path) -> list[object]:
+        pair = _pair(root)
+        shipped = _delta(root, pair) / "files" / "added_tokens.json"
+        change(shipped, root)
+        return ["decode", root / "delta", "--base", pair.base, "-o", root / "out"]
+
+    return build
+
+
+def _link_to_secret(shipped: Path, root: Path) -> None:
+    (root / "secret.txt").write_text("a downloader's private file")
+    shipped.unlink()
+    shipped.symlink_to(root / "secret.txt")
+
+
+def _fifo(shipped: Path, root: Path) -> None:
+    shipped.unlink()
+    os.mkfifo(shipped)
+
+
+def _sparse_manifest(delta: Path) -> None:
+    os.truncate(delta / "xorweights-delta.json", MAX_MANIFEST_BYTES + 1)
+
+
+def _damaged_state(root: Path) -> list[object]:
+    pair = _pair(root)
+    delta = _delta(root, pair)
+    state = root / "out" / ".xorweights" / STATE_NAME
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"\x00\xff not a state file\n")
+    return ["decode", delta, "--base", pair.base, "-o", root / "out"]
+
+
+def _foreign_folder(root: Path) -> list[object]:
+    pair = _pair(root)
+    (root / "mine").mkdir()
+    (root / "mine" / "thesis.tex").write_text("years of work")
+    return ["encode", pair.finetuned, "--base", pair.base, "-o", root / "mine"]
+
+
+def _checksum_into_input(root: Path) -> list[object]:
+    pair = _pair(root)
+    return ["checksum", pair.finetuned, "-o", pair.finetuned / "sums.json"]
+
+
+def _edit_header_same_length(m: dict[str, Any]) -> None:
+    wf = m["weight_files"][0]
+    wf["header"] = wf["header"].replace('"pt"', '"px"', 1)
+
+
 CASES = [
     Case("safetensors", "a truncated file", damaged_finetune(_truncate_to_prefix)),
     Case("safetensors", "a header length larger than the file", damaged_finetune(_header_longer_than_file)),
@@ -242,8 +304,26 @@ CASES = [
         changed_base(lambda p: (p.base / "tokenizer.model").unlink()),
     ),
     Case("release", "a base whose tensor names lack `model.`", _wrong_name_prefix),
+    Case("links and files", "a fine-tune file linking out of its folder", _linked_out_of_the_finetune),
+    Case("links and files", "a shipped file linking out of the delta", _shipped(_link_to_secret)),
+    Case("links and files", "a shipped file that is a FIFO", _shipped(_fifo)),
+    Case(
+        "links and files",
+        "a shipped file one byte longer than declared",
+        _shipped(lambda p, _: p.write_bytes(p.read_bytes() + b" ")),
+    ),
+    Case("sizes", "a manifest over 64 MiB", damaged_frames(_sparse_manifest)),
+    Case(
+        "sizes",
+        "a manifest of 2 million empty lists (6 MB)",
+        edited_manifest(lambda m: m.update(padding=[[] for _ in range(2_000_000)])),
+    ),
+    Case("sizes", "a damaged decode state in OUT", _damaged_state),
+    Case("sizes", "a header edited to the same length", edited_manifest(_edit_header_same_length)),
     Case("output", "OUT inside the delta", _out_inside_delta),
     Case("output", "a link planted in OUT", _link_in_out),
+    Case("output", "encode into a folder of other files", _foreign_folder),
+    Case("output", "checksum -o inside the checkpoint", _checksum_into_input),
 ]
 
 
@@ -351,6 +431,66 @@ whole suite with `bash scripts/setup.sh && .venv/bin/python -m pytest -q`, or
 regenerate this file with
 `XORWEIGHTS_WRITE_DOCS=1 .venv/bin/python -m pytest -q tests/test_reliability_doc.py`.
 
+## What decode checks, and what it does not
+
+- Before any work: the manifest (size, JSON density, every field and file
+  name); every base tensor's presence, dtype and shape; every data file and
+  shipped file of the delta is a regular file inside it, of exactly the size
+  the manifest declares (`tests/test_trust_boundary.py`).
+- While rebuilding: each base tensor's xxh3-128 before its bytes are used
+  for good, and each rebuilt tensor's xxh3-128; then the whole rebuilt
+  file's sha256 against the manifest's, before the file gets its final name
+  (the sha256 runs on a thread of its own). A non-tensor file is checked by
+  size, then sha256, before its final name.
+- With `--dtype`, a weight file is new: its tensors are checked as above
+  before conversion, and the converted file's sha256 is recorded in
+  `xorweights-checksums.json` for `verify`, not compared with anything.
+- Not checked: who made the delta. Nothing is signed, so a delta crafted by
+  someone else decodes to whatever they encoded, checks and all. A file an
+  earlier run finished is trusted by its size and mtime on resume, not hashed
+  again: `xorweights verify OUT --delta DELTA` hashes everything.
+
+## Inputs: links, file types, sizes
+
+Every file below an input folder (a checkpoint, a delta, a legacy payload)
+is read through one gate (`xorweights/inputs.py`): a symbolic link is
+followed only when it resolves inside the folder itself or, for a snapshot of
+the Hugging Face cache, inside that repo's `blobs/`; anything else is refused
+before a byte of it is read, naming the link and where it leads. Only regular
+files are opened (`O_NOFOLLOW | O_NONBLOCK`, then `fstat`: a FIFO never
+blocks, a device or `/proc` file is never read), and on Linux
+`/proc/self/fd` confirms what was opened. Sizes come from `fstat` and are
+compared with what the manifest declares before anything is copied; a file
+that turns out longer or shorter while read is refused. Files read whole are
+capped first: a manifest, an index or a checksum manifest at 64 MiB (and a
+manifest denser than one JSON value per 6 bytes is refused before parsing),
+the decode state at twice the manifest, `params.json` at 1 MiB, md5 lists at
+1 MiB, safetensors headers at 100 MB. A folder or file the user names is
+trusted as named: links in its own path are the user's business.
+
+## The output folder, at the system-call level
+
+Another process may plant links or files in OUT while a command runs, so OUT
+is opened once and everything happens relative to that descriptor
+(`xorweights/outdir.py`): subfolders are made and opened one component at a
+time with `openat(O_DIRECTORY | O_NOFOLLOW)`; files are written under a
+partial name in our own `OUT/.xorweights/` (`openat(O_CREAT | O_EXCL |
+O_NOFOLLOW)`), fsynced, and given their final name with `linkat`, which fails
+with `EEXIST` if anything appeared at that name meanwhile (then the file is
+refused and the newcomer left alone; where hard links are not supported,
+`renameat2(RENAME_NOREPLACE)` does the same), then the partial name is
+unlinked and the folder fsynced. Files already in OUT are looked at with
+`fstatat(AT_SYMLINK_NOFOLLOW)` and opened with `O_NOFOLLOW`. Leftover partial
+files are removed by exact name (one per output name), only inside
+`OUT/.xorweights/`: a file of the user's that looks like a partial, or a
+decode running into `OUT/inner`, is never touched. The lock and the state are
+opened the same way and refused if they have other names (hard links). Every
+command first refuses an output that is an input, lies inside one or holds
+one, comparing device and inode up the folder chain (`xorweights/overlap.py`),
+and checks again once OUT exists.
+
+## Bad input
+
 Every bad input below exits with code 1, prints one line naming the file or
 tensor, what was expected and what was found, with a hint, and writes nothing
 that looks complete: no rebuilt weight file, no delta manifest. `…` stands for
@@ -359,22 +499,36 @@ the test's temporary folder, `<xxh3>` and `<sha256>` for checksums.
 More cases are tested than listed here: `tests/test_errors.py`,
 `tests/test_hostile.py` (each safetensors damage also as decode's base, links
 in the state folder and in subfolders, control characters in names, inputs
-hashed before and after every command), `tests/test_properties.py`
-(hypothesis: every parser rejection is a typed error; bit-exact round trips
-for random shapes and dtypes) and `tests/fuzz_parsers.py` (a fuzz entry point
-for the header and manifest parsers, run for 10 s in the suite; with atheris:
-`python tests/fuzz_parsers.py -max_total_time=600`).
+hashed before and after every command), `tests/test_trust_boundary.py` (links
+planted in OUT by another process during a decode, links in and out of inputs
+and Hugging Face cache snapshots, FIFOs, lying sizes, caps, the decode state,
+an output overlapping an input for every command), `tests/test_size_bombs.py`
+(storage smaller than its shape in `.bin` files, Meta `params.json` sizes,
+gzip bombs), `tests/test_terminal.py` (control characters in every name that
+reaches a terminal, Ctrl-C), `tests/test_properties.py` (hypothesis: every
+parser rejection is a typed error; bit-exact round trips for random shapes and
+dtypes) and `tests/fuzz_parsers.py` (a fuzz entry point for the header,
+manifest, decode state and `params.json` parsers, run for a few seconds in the
+suite; with atheris: `python tests/fuzz_parsers.py -max_total_time=600`).
 """
 
 FOOTER = """
 ## Known gaps
 
 - A zstd frame followed by extra bytes inside its stored range still decodes:
-  zstd stops at the end of the frame. The output is checked by its xxh3-128,
-  so nothing wrong is written; `tests/test_hostile.py` keeps this as an
-  expected failure.
-- `.bin` pickles are not read yet (the issue on other base formats), so the
-  refusal of pickles that carry code is not tested yet.
+  zstd stops at the end of the frame. The output is checked by its xxh3-128
+  and sha256, so nothing wrong is written; `tests/test_hostile.py` keeps this
+  as an expected failure.
+- A hostile manifest within the caps still costs memory while parsed: up to
+  about 6 times its size (about 0.4 GB at the 64 MiB cap) for the densest
+  JSON the density check lets through.
+- A hard link is a regular file: a hard link inside an input folder to a file
+  elsewhere on the same file system is read like any other file (making one
+  needs write access to that folder, and Linux's `protected_hardlinks` limits
+  it to files the maker owns).
+- Outside Linux, what was opened cannot be confirmed through `/proc/self/fd`,
+  so a link swapped into an input folder between the check and the open is
+  not caught there.
 - As root, a read-only folder is still writable, so "missing permissions" is
   tested only as a read-only mount (`tests/test_faults.py`).
 """
@@ -386,7 +540,7 @@ def render(rows: list[tuple[Case, str, str]], faults: list[tuple[str, dict[str, 
     for case, command, message in rows:
         if case.section != section:
             section = case.section
-            out.append(f"\n## Bad input: {section}\n\n| input | command | error |\n|---|---|---|")
+            out.append(f"\n### {section.capitalize()}\n\n| input | command | error |\n|---|---|---|")
         out.append(f"| {case.what} | {command} | {message} |")
     out.append("\n## Faults\n\n| fault | runs | recovered | lost |\n|---|---:|---:|---:|")
     for what, stats in faults:
