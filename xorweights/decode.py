@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -244,16 +245,31 @@ class _Rebuilder:
         self.dtype = dtype
         self.jobs = jobs
         self.bar = bar
+        self._layouts: dict[str, tuple[bytes, list[TensorInfo]]] = {}
+        # Threads live as long as the decode: thousands of small files must not start threads each.
+        self.workers = ThreadPoolExecutor(jobs, thread_name_prefix="xorweights") if jobs > 1 else None
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="xorweights-sha256")
+
+    def __enter__(self) -> _Rebuilder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.workers is not None:
+            self.workers.shutdown()
+        self.hasher.shutdown()
 
     def out_dtype(self, dtype: str) -> str:
         return self.dtype if self.dtype and dtype in FLOAT_CASTABLE else dtype
 
     def _layout(self, wf: WeightFile) -> tuple[bytes, list[TensorInfo]]:
-        infos, metadata = parse_header(wf.header_bytes, wf.size - 8 - len(wf.header_bytes), wf.name)
-        if self.dtype is None:
-            return len(wf.header_bytes).to_bytes(8, "little") + wf.header_bytes, infos
-        converted = [(i.name, self.out_dtype(i.dtype), i.shape) for i in infos]
-        return build_header(converted, {**metadata, "format": "pt"})
+        if wf.name not in self._layouts:
+            infos, metadata = parse_header(wf.header_bytes, wf.size - 8 - len(wf.header_bytes), wf.name)
+            if self.dtype is None:
+                self._layouts[wf.name] = (len(wf.header_bytes).to_bytes(8, "little") + wf.header_bytes, infos)
+            else:
+                converted = [(i.name, self.out_dtype(i.dtype), i.shape) for i in infos]
+                self._layouts[wf.name] = build_header(converted, {**metadata, "format": "pt"})
+        return self._layouts[wf.name]
 
     def output_size(self, wf: WeightFile) -> int:
         prefix, layout = self._layout(wf)
@@ -276,7 +292,7 @@ class _Rebuilder:
         converting = self.dtype is not None
         target_hashes = [new_tensor_hash() for _ in entries]
         written_hashes = [new_tensor_hash() for _ in entries] if converting else target_hashes
-        file_hash = BackgroundHash(hashlib.sha256(prefix), self.pool.put)
+        file_hash = BackgroundHash(hashlib.sha256(prefix), self.pool.put, self.hasher)
         where = str(job.data_path)
         final = out.path / job.file.name
         writer = out.writer(job.file.name)
@@ -299,7 +315,7 @@ class _Rebuilder:
 
             _pwrite_all(out_fd, np.frombuffer(prefix, np.uint8), 0)
             checked = 0
-            for fr, (buffer, chunk, base, written) in ordered(work, frames, self.jobs):
+            for fr, (buffer, chunk, base, written) in ordered(work, frames, self.jobs, self.workers):
                 for i in range(checked, fr.tensor):
                     check_tensor(job.tensors[i], streams[i], target_hashes[i].hexdigest())
                 checked = fr.tensor
@@ -402,29 +418,27 @@ def decode(
         files = plan_decode(manifest, delta, bs)
         with OutputDir(out) as od, FolderLock(od):
             refuse_overlap(out, inputs)  # again, now that OUT exists: it cannot have been swapped for an input
-            manifest_text = manifest.to_json().encode()
-            state = DecodeState(od, hashlib.sha256(manifest_text).hexdigest(), target_dtype, 2 * len(manifest_text))
-            try:
-                return _decode_into(od, state, manifest, delta, bs, files, target_dtype, progress, jobs)
-            finally:
-                state.close()
+            size, digest = InputFolder(delta).digest(delta / MANIFEST_NAME)  # which delta OUT's state is for
+            bar = byte_bar(sum(t.entry.nbytes for j in files for t in j.tensors), "decode", progress)
+            codec = FrameCodec(manifest.compression)
+            with (
+                DecodeState(od, digest, target_dtype, 2 * size + (1 << 20)) as state,
+                _Rebuilder(codec, InputFolder(delta), files, target_dtype, resolve_jobs(jobs), bar) as rebuilder,
+            ):
+                return _rebuild_all(od, state, manifest, delta, bs, files, rebuilder, bar)
 
 
-def _decode_into(
+def _rebuild_all(
     od: OutputDir,
     state: DecodeState,
     manifest: Manifest,
     delta: Path,
     bs: Checkpoint,
     files: list[FileJob],
-    target_dtype: str | None,
-    progress: bool,
-    jobs: int | None,
+    rebuilder: _Rebuilder,
+    bar: tqdm,
 ) -> DecodeResult:
-    out = od.path
-    bar = byte_bar(sum(t.entry.nbytes for j in files for t in j.tensors), "decode", progress)
-    delta_in = InputFolder(delta)
-    rebuilder = _Rebuilder(FrameCodec(manifest.compression), delta_in, files, target_dtype, resolve_jobs(jobs), bar)
+    out, target_dtype, delta_in = od.path, rebuilder.dtype, rebuilder.delta
     done = {job.file.name: _finished(od, job.file, state, target_dtype) for job in files}
     pending = [job for job in files if done[job.file.name] is None]
     others = [of for of in manifest.other_files if not (target_dtype and of.name == SAFETENSORS_INDEX)]

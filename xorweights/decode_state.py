@@ -136,9 +136,10 @@ class DecodeState:
             self._append(header)
 
     def _append(self, obj: dict[str, Any]) -> None:
+        # Not fsynced: the state only saves work. A line lost in a crash makes
+        # the next run check that file by its sha256 and adopt it.
         line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
         os.write(self.fd, line)
-        os.fsync(self.fd)
 
     def add(self, name: str, st: os.stat_result, sha256: str, tensors: dict[str, TensorSum] | None) -> Finished:
         entry = Finished(name, (st.st_size, st.st_mtime_ns), sha256, tensors)
@@ -149,5 +150,8 @@ class DecodeState:
         self.files[name] = entry
         return entry
 
-    def close(self) -> None:
+    def __enter__(self) -> DecodeState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         os.close(self.fd)

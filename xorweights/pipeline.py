@@ -9,7 +9,6 @@ in flight, which bounds memory whatever the model size.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -37,26 +36,38 @@ def in_flight(jobs: int) -> int:
     return 2 * jobs
 
 
-def ordered(work: Callable[[T], R], items: Iterable[T], jobs: int) -> Iterator[tuple[T, R]]:
-    """Yield ``(item, work(item))`` in input order, computing up to ``jobs`` at once."""
+def ordered(
+    work: Callable[[T], R], items: Iterable[T], jobs: int, pool: ThreadPoolExecutor | None = None
+) -> Iterator[tuple[T, R]]:
+    """Yield ``(item, work(item))`` in input order, computing up to ``jobs`` at once.
+
+    ``pool`` (with ``jobs`` threads) is used when given, so a caller walking
+    thousands of files does not start threads for each one.
+    """
     if jobs <= 1:
         for item in items:
             yield item, work(item)
         return
+    if pool is None:
+        with ThreadPoolExecutor(jobs, thread_name_prefix="xorweights") as own:
+            yield from ordered(work, items, jobs, own)
+        return
     pending: deque[tuple[T, Future[R]]] = deque()
-    with ThreadPoolExecutor(jobs, thread_name_prefix="xorweights") as pool:
-        try:
-            for item in items:
-                pending.append((item, pool.submit(work, item)))
-                if len(pending) >= in_flight(jobs):
-                    first, future = pending.popleft()
-                    yield first, future.result()
-            while pending:
+    try:
+        for item in items:
+            pending.append((item, pool.submit(work, item)))
+            if len(pending) >= in_flight(jobs):
                 first, future = pending.popleft()
                 yield first, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
+        for _, future in pending:  # a running one may still write into a buffer or a file: let it finish
+            if not future.cancelled():
+                future.exception()
 
 
 class BufferPool:
@@ -79,49 +90,48 @@ class BufferPool:
 
 
 class BackgroundHash:
-    """Feeds a hash on a thread of its own, in order, so a whole-file sha256 costs no time on the consumer.
+    """Feeds a hash on another thread, in order, so a whole-file sha256 costs no time on the consumer.
 
-    ``update(data, buffer)`` queues ``data``; once it is hashed, ``release(buffer)``
-    hands the buffer back (to a :class:`BufferPool`). At most ``depth`` updates
-    wait, which bounds the memory held. hashlib releases the GIL on large
-    inputs, so the hash runs beside the frame workers.
+    ``executor`` must have exactly one thread (its tasks then run in order);
+    it is shared by every file of a run. ``update(data, buffer)`` queues
+    ``data``; once hashed, ``release(buffer)`` hands the buffer back (to a
+    :class:`BufferPool`). At most ``depth`` updates wait, which bounds the
+    memory held. hashlib releases the GIL on large inputs, so the hash runs
+    beside the frame workers.
     """
 
-    def __init__(self, hash_: Any, release: Callable[[Any], None], depth: int = 4) -> None:
+    def __init__(
+        self, hash_: Any, release: Callable[[Any], None], executor: ThreadPoolExecutor, depth: int = 4
+    ) -> None:
         self._hash = hash_
         self._release = release
-        self._queue: queue.Queue[tuple[Any, Any] | None] = queue.Queue(depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="xorweights-hash", daemon=True)
-        self._thread.start()
+        self._executor = executor
+        self._depth = depth
+        self._pending: deque[Future[None]] = deque()
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            data, buffer = item
-            if self._error is None:
-                try:
-                    self._hash.update(data)
-                except BaseException as exc:  # reported by hexdigest(); keep draining so update() never blocks
-                    self._error = exc
+    def _feed(self, data: Any, buffer: Any) -> None:
+        try:
+            self._hash.update(data)
+        finally:
             if buffer is not None:
                 self._release(buffer)
 
     def update(self, data: Any, buffer: Any = None) -> None:
-        self._queue.put((data, buffer))
+        self._pending.append(self._executor.submit(self._feed, data, buffer))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
 
-    def _stop(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
 
     def hexdigest(self) -> str:
-        self._stop()
-        if self._error is not None:
-            raise self._error
+        self._drain()
         return str(self._hash.hexdigest())
 
     def __enter__(self) -> BackgroundHash:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop()
+        while self._pending:  # no task may still touch a buffer once the caller moves on
+            self._pending.popleft().exception()
