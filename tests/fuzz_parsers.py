@@ -1,14 +1,20 @@
-"""Fuzz the two parsers that read bytes from strangers: safetensors headers and delta manifests.
+"""Fuzz the parsers that read bytes from strangers: safetensors headers, delta manifests, Meta's params.json.
 
-The only exception either may raise is its documented one: ``InputFileError``
-from :func:`parse_header`, ``ManifestError`` from :func:`parse_manifest`.
-Anything else (a ``TypeError``, a ``RecursionError``...) reaches the user as a
-traceback instead of one line with a hint.
+The only exception each may raise is its documented one: ``InputFileError``
+from :func:`parse_header`, ``ManifestError`` from :func:`parse_manifest`,
+``CheckpointError`` from :func:`parse_params`. Anything else (a ``TypeError``,
+a ``RecursionError``...) reaches the user as a traceback instead of one line
+with a hint.
 
-One fuzz input is one selector byte, then the parser's input:
+One fuzz input is one selector byte, then the parser's input. The selector
+picks an entry of :data:`TARGETS`, modulo its length:
 
-* even selector: a 4-byte little-endian data size, then header bytes for ``parse_header``;
-* odd selector: UTF-8 text for ``parse_manifest``.
+* 0 (``HEADER``): a 4-byte little-endian data size, then header bytes for ``parse_header``;
+* 1 (``MANIFEST``): UTF-8 text for ``parse_manifest``;
+* 2 (``PARAMS``): the bytes of a ``params.json`` for ``parse_params``.
+
+Targets are only ever appended, so the inputs in :data:`REGRESSIONS`, written
+with each target's own index, keep feeding the same parser.
 
 Coverage-guided, with atheris (``pip install atheris``); libFuzzer flags pass through::
 
@@ -32,17 +38,55 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from xorweights import checksum, encode, manifest, safetensors_io
-from xorweights.errors import InputFileError, ManifestError
+from xorweights import checksum, encode, manifest, meta_llama, safetensors_io
+from xorweights.errors import CheckpointError, InputFileError, ManifestError
 from xorweights.fixtures import make_pair
 from xorweights.manifest import MANIFEST_NAME, parse_manifest
+from xorweights.meta_llama import parse_params
 from xorweights.safetensors_io import build_header, parse_header
 
-HEADER, MANIFEST = 0, 1
+
+@dataclass(frozen=True)
+class Target:
+    """One parser under fuzz: how it reads the input after the selector, and the one error it may raise."""
+
+    name: str
+    parse: Callable[[bytes], object]
+    allowed: type[Exception]
+    module: ModuleType  # instrumented under atheris
+    prefix: int = 0  # bytes of a little-endian size before the text, mutated as a number
+
+
+def _header(data: bytes) -> object:
+    return parse_header(data[4:], int.from_bytes(data[:4], "little"), "fuzz")
+
+
+def _manifest(data: bytes) -> object:
+    return parse_manifest(data.decode("utf-8", "replace"), "fuzz")
+
+
+def _params(data: bytes) -> object:
+    return parse_params(data, "fuzz")
+
+
+# Append only: a target's index is its selector byte in REGRESSIONS and in saved corpora.
+TARGETS: tuple[Target, ...] = (
+    Target("safetensors header", _header, InputFileError, safetensors_io, prefix=4),
+    Target("delta manifest", _manifest, ManifestError, manifest),
+    Target("Meta params.json", _params, CheckpointError, meta_llama),
+)
+HEADER, MANIFEST, PARAMS = 0, 1, 2
+
+
+def target_of(data: bytes) -> Target:
+    """The target a non-empty fuzz input is fed to."""
+    return TARGETS[data[0] % len(TARGETS)]
 
 
 def header_input(header: bytes, data_size: int) -> bytes:
@@ -55,20 +99,20 @@ def manifest_input(text: str) -> bytes:
     return bytes([MANIFEST]) + text.encode("utf-8", "surrogatepass")
 
 
+def params_input(text: str) -> bytes:
+    """The fuzz input that feeds ``text`` to ``parse_params``."""
+    return bytes([PARAMS]) + text.encode("utf-8", "surrogatepass")
+
+
 def one_input(data: bytes) -> None:
     """Run one fuzz input through its parser; only the parser's documented error may escape."""
     if not data:
         return
-    if data[0] % 2 == HEADER:
-        try:
-            parse_header(data[5:], int.from_bytes(data[1:5], "little"), "fuzz")
-        except InputFileError:
-            pass
-    else:
-        try:
-            parse_manifest(data[1:].decode("utf-8", "replace"), "fuzz")
-        except ManifestError:
-            pass
+    target = target_of(data)
+    try:
+        target.parse(data[1:])
+    except target.allowed:
+        pass
 
 
 # ---------------------------------------------------------------- seeds
@@ -109,6 +153,22 @@ def sample_checksums() -> str:
     return _encoded_pair()[1]
 
 
+# The params.json of Meta's Llama 2 70B, and sizes nested under "model", as some releases write them.
+SAMPLE_PARAMS = json.dumps(
+    {
+        "dim": 8192,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.3,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "n_layers": 80,
+        "norm_eps": 1e-05,
+        "vocab_size": -1,
+    }
+)
+NESTED_PARAMS = json.dumps({"model": {"dim": 4096, "n_heads": 32, "n_layers": 32, "rope_theta": 500000.0}})
+
+
 # A well-formed manifest of a delta with no weight files, whose exposure
 # percentage is an integer too large for a float.
 HUGE_PCT_MANIFEST = json.dumps(
@@ -138,7 +198,13 @@ REGRESSIONS: tuple[bytes, ...] = (
 def seeds() -> list[bytes]:
     """The regression inputs, then valid inputs to start mutating from."""
     header, size = sample_header()
-    return [*REGRESSIONS, header_input(header, size), manifest_input(sample_manifest())]
+    return [
+        *REGRESSIONS,
+        header_input(header, size),
+        manifest_input(sample_manifest()),
+        params_input(SAMPLE_PARAMS),
+        params_input(NESTED_PARAMS),
+    ]
 
 
 # ---------------------------------------------------------------- mutations
@@ -303,16 +369,17 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
 def mutate_input(data: bytes, rng: random.Random) -> bytes:
     """A mutant of one fuzz input: JSON-aware when the payload is JSON, byte-level otherwise."""
     if not data:
-        return bytes([rng.randrange(2)])
+        return bytes([rng.randrange(len(TARGETS))])
     selector = data[0]
     if rng.random() < 0.05:
-        selector ^= 1  # feed one parser the other's input
-    if data[0] % 2 == HEADER:
-        size = int.from_bytes(data[1:5], "little")
+        selector = rng.randrange(len(TARGETS))  # feed one parser another's input
+    width = target_of(data).prefix
+    if width:  # a little-endian size (the header's data size): mutated as a number
+        size = int.from_bytes(data[1 : 1 + width], "little")
         if rng.random() < 0.2:
             size = _bump(size, rng) if rng.random() < 0.5 else rng.randrange(2 * size + 64)
-        payload = data[5:]
-        prefix = bytes([selector]) + (size % 2**32).to_bytes(4, "little")
+        payload = data[1 + width :]
+        prefix = bytes([selector]) + (size % 2 ** (8 * width)).to_bytes(width, "little")
     else:
         payload = data[1:]
         prefix = bytes([selector])
@@ -384,7 +451,7 @@ def _run_atheris(atheris: Any, argv: list[str]) -> None:
         return mutate_input(data, rng)[:max_size]
 
     # Only the parsers' own code: instrument_all() would spend seconds on numpy and friends.
-    for module in (safetensors_io, manifest):
+    for module in {t.module for t in TARGETS}:
         for obj in vars(module).values():
             for func in [obj, *vars(obj).values()] if isinstance(obj, type) else [obj]:
                 if inspect.isfunction(func) and func.__module__ == module.__name__:

@@ -53,8 +53,8 @@ from test_hostile import (
 )
 
 import xorweights
-from xorweights.errors import OutputError
 from xorweights.decode_state import STATE_NAME
+from xorweights.errors import OutputError
 from xorweights.fixtures import LlamaSpec, Pair, make_pair
 from xorweights.manifest import MAX_MANIFEST_BYTES
 

@@ -296,8 +296,8 @@ class _Rebuilder:
         where = str(job.data_path)
         final = out.path / job.file.name
         writer = out.writer(job.file.name)
-        with writer as dst, open_delta_file(self.delta, job.data_path, job.stored) as data, file_hash:
-            out_fd, data_fd = dst.fileno(), data.fileno()
+        with writer as rebuilt, open_delta_file(self.delta, job.data_path, job.stored) as data, file_hash:
+            out_fd, data_fd = rebuilt.fileno(), data.fileno()
 
             def work(fr: _Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
                 entry, stream = entries[fr.tensor], streams[fr.tensor]

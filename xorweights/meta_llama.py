@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
 
 PARAMS = "params.json"
 SHARD_GLOB = "consolidated.*.pth"
+# Meta's params.json is a few hundred bytes; anything near this is not one, and is not read.
+PARAMS_MAX_BYTES = 1 << 20
+
+# A layer's tensor name; at most 9 digits, so int() never meets a number too long to convert.
+_LAYER_INDEX = re.compile(r"layers\.(\d{1,9})\.")
 
 _DROPPED = frozenset({"rope.freqs"})  # recomputed by transformers, not a weight
 
@@ -58,7 +65,9 @@ _NOT_META = "point at the folder of Meta's original download: params.json and ev
 
 
 @dataclass(frozen=True)
-class _Params:
+class MetaParams:
+    """The sizes ``params.json`` claims; each is checked against the shards' real shapes before use."""
+
     dim: int
     n_heads: int
     n_kv_heads: int
@@ -122,13 +131,38 @@ def open_meta(folder: Path) -> tuple[dict[str, TensorRef], Callable[[], None]]:
     return refs, close
 
 
-def _read_params(path: Path) -> _Params:
+def _read_params(path: Path) -> MetaParams:
+    """``params.json``, read only if it is no bigger than :data:`PARAMS_MAX_BYTES`."""
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # Read one byte past the cap: a file that grows after fstat is still caught.
+            data = f.read(PARAMS_MAX_BYTES + 1) if size <= PARAMS_MAX_BYTES else b""
+    except OSError as exc:
+        raise CheckpointError(
+            f"{path}: cannot read ({exc.strerror})", "re-download params.json from Meta's release"
+        ) from None
+    if size > PARAMS_MAX_BYTES or len(data) > PARAMS_MAX_BYTES:
+        raise CheckpointError(
+            f"{path}: is {max(size, len(data))} bytes; a params.json is at most {PARAMS_MAX_BYTES}, so it was not read",
+            "re-download params.json from Meta's release",
+        )
+    return parse_params(data, str(path))
+
+
+def parse_params(data: bytes, where: str) -> MetaParams:
+    """The model sizes in a ``params.json``'s bytes; :class:`CheckpointError` for anything else.
+
+    Only their shape is checked here (positive integers, even-sized heads);
+    whether the shards really have these sizes is checked by :func:`open_meta`.
+    """
+
     def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{path}: {what}", "re-download params.json from Meta's release")
+        return CheckpointError(f"{where}: {what}", "re-download params.json from Meta's release")
 
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"not valid JSON ({exc})") from None
     # Some releases nest the model arguments under "model".
     params = raw.get("model", raw) if isinstance(raw, dict) else raw
@@ -140,14 +174,20 @@ def _read_params(path: Path) -> _Params:
         if value is None:
             value = default
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise bad(f"{key} must be a positive integer, found {value!r}")
+            raise bad(f"{key} must be a positive integer, found {_short(value)}")
         return value
 
     dim, n_heads, n_layers = positive("dim"), positive("n_heads"), positive("n_layers")
     n_kv_heads = positive("n_kv_heads", n_heads)
     if dim % n_heads or (dim // n_heads) % 2 or n_heads % n_kv_heads:
         raise bad(f"dim {dim}, n_heads {n_heads} and n_kv_heads {n_kv_heads} do not make even-sized heads")
-    return _Params(dim, n_heads, n_kv_heads, n_layers)
+    return MetaParams(dim, n_heads, n_kv_heads, n_layers)
+
+
+def _short(value: object) -> str:
+    """A JSON value for a one-line message: a 1 MiB string or list is cut."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -171,7 +211,7 @@ class _Shards:
         return [state[meta_name] for state in self.states]
 
 
-def _plans(params: _Params, shards: _Shards) -> list[_Plan]:
+def _plans(params: MetaParams, shards: _Shards) -> list[_Plan]:
     """Every HF tensor in HF order; refuses shards whose names are not Meta's LLaMA layout."""
     assert shards.states is not None
     names = set(shards.states[0])
@@ -182,9 +222,10 @@ def _plans(params: _Params, shards: _Shards) -> list[_Plan]:
                 f"{path}: holds a different set of tensors than {shards.paths[0].name} (e.g. {odd!r})",
                 "the shards come from different downloads; re-download all of them",
             )
-    embed = _embed_axis(params, shards)
-    plans = [_Plan("model.embed_tokens.weight", "tok_embeddings.weight", embed, None)]
-    for n in range(params.n_layers):
+    _check_layer_count(params, names, shards.paths[0])
+    # The embedding's join axis is read from its pieces once the names say it is there.
+    plans = [_Plan("model.embed_tokens.weight", "tok_embeddings.weight", 0, None)]
+    for n in range(params.n_layers):  # equal to the layers the shards hold, not just what params.json claims
         for meta, (hf, join) in _LAYER_TENSORS.items():
             heads = {"attention.wq": params.n_heads, "attention.wk": params.n_kv_heads}.get(meta)
             plans.append(_Plan(f"model.layers.{n}.{hf}.weight", f"layers.{n}.{meta}.weight", join, heads))
@@ -204,10 +245,39 @@ def _plans(params: _Params, shards: _Shards) -> list[_Plan]:
             f"{shards.paths[0]}: holds {unknown[0]!r}, which is not part of Meta's LLaMA layout",
             "xorweights converts Meta's LLaMA 1, 2 and 3 checkpoints only; convert others to safetensors first",
         )
+    plans[0] = replace(plans[0], join=_embed_axis(params, shards))
     return plans
 
 
-def _embed_axis(params: _Params, shards: _Shards) -> int:
+def _check_layer_count(params: MetaParams, names: set[str], shard: Path) -> None:
+    """Refuse an ``n_layers`` other than the number of layers the shard holds, numbered from 0 without gaps.
+
+    Plans are made per layer, so a claimed count is only used once the
+    shard's own tensor names back it.
+    """
+    held = {int(m[1]) for name in names if (m := _LAYER_INDEX.match(name))}
+    count = len(held)
+    gap = next((n for n in range(count) if n not in held), None)
+    if gap is not None:
+        raise CheckpointError(
+            f"{shard}: holds tensors of layer {max(held)} but none of layer {gap}",
+            "the shard is damaged or not Meta's; re-download it",
+        )
+    if params.n_layers > count:
+        raise CheckpointError(
+            f"{shard}: has no tensor 'layers.{count}.*', which params.json's n_layers {params.n_layers} calls for; "
+            f"the shard holds {count} layers",
+            _NOT_META,
+        )
+    if params.n_layers < count:
+        raise CheckpointError(
+            f"{shard}: holds {count} layers (up to 'layers.{count - 1}.*'), but params.json's n_layers is "
+            f"{params.n_layers}",
+            _NOT_META,
+        )
+
+
+def _embed_axis(params: MetaParams, shards: _Shards) -> int:
     # LLaMA 1 and 2 split the embedding across shards along dim 1, LLaMA 3
     # (vocab 128256, rope_theta 500000) along dim 0. The pieces' shapes say
     # which without guessing from params.json, where LLaMA 1 has vocab_size -1.
@@ -217,7 +287,7 @@ def _embed_axis(params: _Params, shards: _Shards) -> int:
     return 1
 
 
-def _check_plan(plan: _Plan, params: _Params, shards: _Shards) -> tuple[str, tuple[int, ...]]:
+def _check_plan(plan: _Plan, params: MetaParams, shards: _Shards) -> tuple[str, tuple[int, ...]]:
     """The HF tensor's dtype and shape, from the pieces' metadata alone (no data is read)."""
     pieces = shards.pieces(plan.meta_name)
     where = shards.paths[0]
