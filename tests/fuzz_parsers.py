@@ -1,8 +1,9 @@
-"""Fuzz the parsers that read bytes from strangers: safetensors headers, delta manifests, Meta's params.json.
+"""Fuzz the parsers that read bytes from strangers: safetensors headers, delta manifests, Meta's params.json, decode state.
 
 The only exception each may raise is its documented one: ``InputFileError``
 from :func:`parse_header`, ``ManifestError`` from :func:`parse_manifest`,
-``CheckpointError`` from :func:`parse_params`. Anything else (a ``TypeError``,
+``CheckpointError`` from :func:`parse_params`, ``OutputError`` from
+:func:`parse_state` (the decode state lives in OUT, which another process may write). Anything else (a ``TypeError``,
 a ``RecursionError``...) reaches the user as a traceback instead of one line
 with a hint.
 
@@ -11,7 +12,8 @@ picks an entry of :data:`TARGETS`, modulo its length:
 
 * 0 (``HEADER``): a 4-byte little-endian data size, then header bytes for ``parse_header``;
 * 1 (``MANIFEST``): UTF-8 text for ``parse_manifest``;
-* 2 (``PARAMS``): the bytes of a ``params.json`` for ``parse_params``.
+* 2 (``PARAMS``): the bytes of a ``params.json`` for ``parse_params``;
+* 3 (``STATE``): the bytes of ``OUT/.xorweights/decode-state.jsonl`` for ``parse_state``.
 
 Targets are only ever appended, so the inputs in :data:`REGRESSIONS`, written
 with each target's own index, keep feeding the same parser.
@@ -44,8 +46,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from xorweights import checksum, encode, manifest, meta_llama, safetensors_io
-from xorweights.errors import CheckpointError, InputFileError, ManifestError
+from xorweights import checksum, decode_state, encode, manifest, meta_llama, safetensors_io
+from xorweights.decode_state import parse_state
+from xorweights.errors import CheckpointError, InputFileError, ManifestError, OutputError
 from xorweights.fixtures import make_pair
 from xorweights.manifest import MANIFEST_NAME, parse_manifest
 from xorweights.meta_llama import parse_params
@@ -75,13 +78,18 @@ def _params(data: bytes) -> object:
     return parse_params(data, "fuzz")
 
 
+def _state(data: bytes) -> object:
+    return parse_state(data, "fuzz")
+
+
 # Append only: a target's index is its selector byte in REGRESSIONS and in saved corpora.
 TARGETS: tuple[Target, ...] = (
     Target("safetensors header", _header, InputFileError, safetensors_io, prefix=4),
     Target("delta manifest", _manifest, ManifestError, manifest),
     Target("Meta params.json", _params, CheckpointError, meta_llama),
+    Target("decode state", _state, OutputError, decode_state),
 )
-HEADER, MANIFEST, PARAMS = 0, 1, 2
+HEADER, MANIFEST, PARAMS, STATE = 0, 1, 2, 3
 
 
 def target_of(data: bytes) -> Target:
@@ -102,6 +110,28 @@ def manifest_input(text: str) -> bytes:
 def params_input(text: str) -> bytes:
     """The fuzz input that feeds ``text`` to ``parse_params``."""
     return bytes([PARAMS]) + text.encode("utf-8", "surrogatepass")
+
+
+def state_input(text: str) -> bytes:
+    """The fuzz input that feeds ``text`` to ``parse_state``."""
+    return bytes([STATE]) + text.encode("utf-8", "surrogatepass")
+
+
+SAMPLE_STATE = (
+    json.dumps({"delta": "a" * 64, "dtype": None})
+    + "\n"
+    + json.dumps({"file": "model-00001-of-00002.safetensors", "stat": [45032, 1700000000000000000], "sha256": "b" * 64})
+    + "\n"
+    + json.dumps(
+        {
+            "file": "model-00002-of-00002.safetensors",
+            "stat": [1024, 1],
+            "sha256": "c" * 64,
+            "tensors": {"lm_head.weight": ["F16", [36, 32], "d" * 32]},
+        }
+    )
+    + "\n"
+)
 
 
 def one_input(data: bytes) -> None:
@@ -204,6 +234,7 @@ def seeds() -> list[bytes]:
         manifest_input(sample_manifest()),
         params_input(SAMPLE_PARAMS),
         params_input(NESTED_PARAMS),
+        state_input(SAMPLE_STATE),
     ]
 
 
