@@ -56,7 +56,7 @@ import xorweights
 from xorweights.decode_state import STATE_NAME
 from xorweights.errors import OutputError
 from xorweights.fixtures import LlamaSpec, Pair, make_pair
-from xorweights.manifest import MAX_MANIFEST_BYTES
+from xorweights.manifest import MAX_MANIFEST_BYTES, MAX_MANIFEST_VALUES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -233,6 +233,34 @@ def _checksum_into_input(root: Path) -> list[object]:
     return ["checksum", pair.finetuned, "-o", pair.finetuned / "sums.json"]
 
 
+def _stride0_bin(root: Path) -> list[object]:
+    import torch
+
+    (root / "bin").mkdir(parents=True)
+    torch.save({"w": torch.zeros(1).expand(40000, 40000)}, root / "bin" / "pytorch_model.bin")
+    return ["checksum", root / "bin", "-o", root / "sums.json"]
+
+
+def _meta_layers(root: Path) -> list[object]:
+    from test_meta_llama import hf_tensors, spec, write_meta
+    from test_size_bombs import set_params
+
+    s = spec()
+    meta = write_meta(root / "meta", hf_tensors(s, "F16", 4), s, kv_heads=4, shards=2)
+    set_params(meta, n_layers=100_000_000)
+    return ["checksum", meta, "-o", root / "sums.json"]
+
+
+def _gzip_bomb(root: Path) -> list[object]:
+    from test_legacy import SHARD1 as LEGACY_SHARD
+    from test_legacy import make_release
+    from test_size_bombs import gzip_zeros
+
+    rel = make_release(root / "release", compress=True)
+    gzip_zeros(rel.payload / LEGACY_SHARD, 100 << 20)
+    return ["decode-legacy", rel.payload, "-o", root / "out", *rel.options()]
+
+
 def _edit_header_same_length(m: dict[str, Any]) -> None:
     wf = m["weight_files"][0]
     wf["header"] = wf["header"].replace('"pt"', '"px"', 1)
@@ -315,10 +343,13 @@ CASES = [
     Case("sizes", "a manifest over 64 MiB", damaged_frames(_sparse_manifest)),
     Case(
         "sizes",
-        "a manifest of 2 million empty lists (6 MB)",
-        edited_manifest(lambda m: m.update(padding=[[] for _ in range(2_000_000)])),
+        "a manifest of 8 million empty lists (48 MB)",
+        edited_manifest(lambda m: m.update(padding=[[] for _ in range(MAX_MANIFEST_VALUES)])),
     ),
     Case("sizes", "a damaged decode state in OUT", _damaged_state),
+    Case("sizes", "a 1.5 KB `.bin` whose stride-0 view claims 40000 x 40000", _stride0_bin),
+    Case("sizes", "Meta `params.json` with `n_layers: 100000000`", _meta_layers),
+    Case("sizes", "a 100 KB gzip payload expanding to 100 MB (decode-legacy)", _gzip_bomb),
     Case("sizes", "a header edited to the same length", edited_manifest(_edit_header_same_length)),
     Case("output", "OUT inside the delta", _out_inside_delta),
     Case("output", "a link planted in OUT", _link_in_out),
@@ -463,7 +494,7 @@ blocks, a device or `/proc` file is never read), and on Linux
 compared with what the manifest declares before anything is copied; a file
 that turns out longer or shorter while read is refused. Files read whole are
 capped first: a manifest, an index or a checksum manifest at 64 MiB (and a
-manifest denser than one JSON value per 6 bytes is refused before parsing),
+manifest of more than 8 million JSON values is refused before parsing),
 the decode state at twice the manifest, `params.json` at 1 MiB, md5 lists at
 1 MiB, safetensors headers at 100 MB. A folder or file the user names is
 trusted as named: links in its own path are the user's business.
@@ -520,8 +551,7 @@ FOOTER = """
   and sha256, so nothing wrong is written; `tests/test_hostile.py` keeps this
   as an expected failure.
 - A hostile manifest within the caps still costs memory while parsed: up to
-  about 6 times its size (about 0.4 GB at the 64 MiB cap) for the densest
-  JSON the density check lets through.
+  about 0.6 GB for 8 million tiny JSON values.
 - A hard link is a regular file: a hard link inside an input folder to a file
   elsewhere on the same file system is read like any other file (making one
   needs write access to that folder, and Linux's `protected_hardlinks` limits
