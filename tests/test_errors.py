@@ -221,7 +221,13 @@ def test_base_with_a_changed_referenced_file(pair: Pair, delta: Path, tmp_path: 
     (pair.base / "tokenizer.model").write_bytes(b"not the tokenizer")
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, str(pair.base / "tokenizer.model"), "the base this delta was made from has", hint="restore tokenizer.model")
+    assert_error(
+        r,
+        1,
+        str(pair.base / "tokenizer.model"),
+        "the base this delta was made from has",
+        hint="restore tokenizer.model",
+    )
     assert not (out / "tokenizer.model").exists()
 
 

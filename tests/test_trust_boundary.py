@@ -229,7 +229,9 @@ def test_an_edited_header_of_the_same_length_is_caught_by_the_whole_file_hash(
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out)
     want = read_manifest(delta)["weight_files"][0]["sha256"]
-    assert_error(r, 1, f"{out / SHARD1}: rebuilt file's sha256", f"differs from the manifest's {want}", hint="re-download")
+    assert_error(
+        r, 1, f"{out / SHARD1}: rebuilt file's sha256", f"differs from the manifest's {want}", hint="re-download"
+    )
     assert weight_files(out) == []
     assert "byte-identical" not in r.stdout
 
@@ -259,7 +261,9 @@ def test_a_manifest_of_millions_of_tiny_values_is_refused_before_parsing(
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert_error(r, 1, f"{delta / MANIFEST}: about", f"JSON values, more than the {MAX_MANIFEST_VALUES}", hint="hostile")
+    assert_error(
+        r, 1, f"{delta / MANIFEST}: about", f"JSON values, more than the {MAX_MANIFEST_VALUES}", hint="hostile"
+    )
     assert peak < 256 << 20, f"refusing took {peak} bytes"
 
 

@@ -258,6 +258,7 @@ def _read_index(index: Path, folder: InputFolder) -> dict[str, str]:
             raise ValueError("weight_map must map tensor names to file names in the same folder")
     except (OSError, ValueError, KeyError, TypeError, RecursionError, ManifestError) as exc:
         raise CheckpointError(
-            f"{index}: not a valid safetensors index ({getattr(exc, 'message', exc)})", "re-download the index, or delete it to read every shard"
+            f"{index}: not a valid safetensors index ({getattr(exc, 'message', exc)})",
+            "re-download the index, or delete it to read every shard",
         ) from None
     return weight_map

@@ -11,7 +11,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -23,9 +23,11 @@ from .decode import decode as decode_api
 from .dtypes import NAMED
 from .encode import EncodeResult
 from .encode import encode as encode_api
+from .entry import INTERRUPTED, INTERRUPTED_EXIT, ignore_interrupts, interruptible, was_interrupted
 from .errors import XorWeightsError, XorWeightsWarning
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, enforce, report_lines
 from .kernel import DEFAULT_FRAME_BYTES
+from .printable import printable
 from .report import DeltaSummary, summarize
 from .report import inspect as inspect_api
 from .sizes import human_bytes
@@ -33,62 +35,93 @@ from .sizes import human_bytes
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"xorweights: error: {message}", err=True)
+def _say(line: str, err: bool = False) -> None:
+    """Print one line on stdout, or stderr when ``err``: every line the CLI prints goes through here.
+
+    Names, paths and messages in it may come from an input, so control
+    characters are escaped: a name holding a newline, a carriage return or an
+    escape sequence can neither fake a second line nor move the cursor.
+    """
+    click.echo(printable(line), err=err)
+
+
+def _say_json(data: object) -> None:
+    # json.dumps escapes every control and non-ASCII character itself; each of
+    # its lines is then printed like any other.
+    for line in json.dumps(data, indent=1).splitlines():
+        _say(line)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    _say(f"xorweights: error: {message}", err=True)
     sys.exit(code)
 
 
+def _warn(message: str) -> None:
+    _say(f"xorweights: warning: {message}", err=True)
+
+
 @contextlib.contextmanager
-def _one_line_warnings() -> Iterator[None]:
-    """Print the library's warnings as one ``xorweights: warning:`` line on stderr; others as Python does."""
+def _one_line_warnings(debug: bool) -> Iterator[None]:
+    """Print the library's warnings as one ``xorweights: warning:`` line each; silence all others.
+
+    torch, numpy and huggingface_hub warn about their own affairs, over several
+    lines; with ``debug`` they are shown as Python shows them.
+    """
     with warnings.catch_warnings():
         previous = warnings.showwarning
 
         def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
             if issubclass(category, XorWeightsWarning):
-                click.echo(f"xorweights: warning: {message}", err=True)
+                _warn(str(message))
             else:
                 previous(message, category, *args, **kwargs)
 
+        if not debug:
+            warnings.simplefilter("ignore")
         warnings.simplefilter("always", XorWeightsWarning)
         warnings.showwarning = show
         yield
 
 
 def translate_errors(fn: F) -> F:
-    """Turn every error into one line on stderr, and library warnings too; tracebacks only with XORWEIGHTS_DEBUG=1."""
+    """Turn every error and Ctrl-C into one line on stderr, and warnings too; tracebacks only with XORWEIGHTS_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = os.environ.get("XORWEIGHTS_DEBUG") == "1"
         try:
-            with _one_line_warnings():
+            with _one_line_warnings(debug), interruptible():
                 return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except XorWeightsError as exc:
-            if debug:
-                traceback.print_exc()
-            _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            _fail(
-                "interrupted; nothing half-written was left under a final name (hint: run the same command again to resume)",
-                130,
-            )
-        except OSError as exc:
+            _fail_interrupted()
+        except Exception as exc:
+            if was_interrupted():  # failed while a Ctrl-C unwound it: a write cut short, a lock left broken
+                _fail_interrupted()
             if debug:
+                if not isinstance(exc, XorWeightsError | OSError):
+                    raise
                 traceback.print_exc()
-            where = f"{exc.filename}: " if exc.filename else ""
-            _fail(f"{where}{exc.strerror or exc} (hint: check the path and its permissions)", 1)
-        except Exception as exc:  # a bug: still one line unless debugging
-            if debug:
-                raise
-            _fail(
-                f"internal error: {type(exc).__name__}: {exc} (hint: set XORWEIGHTS_DEBUG=1 for the full traceback and report it)",
-                1,
-            )
+            _fail(_error_line(exc), exc.exit_code if isinstance(exc, XorWeightsError) else 1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _error_line(exc: Exception) -> str:
+    if isinstance(exc, XorWeightsError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc} (hint: check the path and its permissions)"
+    # A bug: still one line unless debugging.
+    return f"internal error: {type(exc).__name__}: {exc} (hint: set XORWEIGHTS_DEBUG=1 for the full traceback and report it)"
+
+
+def _fail_interrupted() -> NoReturn:
+    ignore_interrupts()
+    _fail(INTERRUPTED, INTERRUPTED_EXIT)
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries.")
@@ -199,9 +232,9 @@ def encode(
     if dry_run:
         _echo_plan(result)
         enforce(result.exposure, max_unprotected, allow_unprotected)
-        click.echo(f"dry run: encode would write {out}; nothing was written")
+        _say(f"dry run: encode would write {out}; nothing was written")
         if push_to_hub:
-            click.echo(f"dry run: nothing was pushed to {push_to_hub}")
+            _say(f"dry run: nothing was pushed to {push_to_hub}")
         return
     if not quiet:
         _echo_encoded(out, result)
@@ -212,21 +245,21 @@ def encode(
 def _echo_encoded(out: Path, result: EncodeResult) -> None:
     assert result.manifest is not None
     s = summarize(result.manifest, result.delta_bytes)
-    click.echo(f"wrote {out}: {s.tensors_xored} of {s.tensors} tensors XORed against the base")
+    _say(f"wrote {out}: {s.tensors_xored} of {s.tensors} tensors XORed against the base")
     _echo_summary(s)
     for line in result.plan.not_shipped:
-        click.echo(f"  not shipped: {line}")
+        _say(f"  not shipped: {line}")
     for name, twin in result.exposure.aliases.items():
-        click.echo(f"  warning: {name} is byte-identical to the base's {twin}")
+        _say(f"  warning: {name} is byte-identical to the base's {twin}")
     for rule in result.plan.auto_renames:
-        click.echo(f"  names mapped automatically with --rename '{rule}'")
+        _say(f"  names mapped automatically with --rename '{rule}'")
 
 
 def _push(delta: Path, repo_id: str, private: bool) -> None:
     from .publish import push_to_hub
 
     url = push_to_hub(delta, repo_id, private=private)
-    click.echo(f"pushed {delta} to {repo_id}: {url}")
+    _say(f"pushed {delta} to {repo_id}: {url}")
 
 
 @main.command()
@@ -248,22 +281,22 @@ def _echo_plan(result: EncodeResult) -> None:
     tensors = result.plan.tensors()
     xored = [t for t in tensors if t.base is not None]
     renamed = [t for t in xored if t.base is not None and t.base.name != t.target.name]
-    click.echo(
+    _say(
         f"plan: {len(xored)} of {len(tensors)} tensors XORed against the base, in {len(result.plan.weight_files)} files"
     )
     for rule in result.plan.auto_renames:
-        click.echo(
+        _say(
             f"  names: every fine-tune tensor pairs with a base tensor through --rename '{rule}', applied automatically"
         )
     for t in renamed if not result.plan.auto_renames else []:
-        click.echo(f"  {t.target.name} <- base {t.base.name if t.base else ''}")
+        _say(f"  {t.target.name} <- base {t.base.name if t.base else ''}")
     for line in report_lines(result.exposure):
-        click.echo(line)
+        _say(line)
     for of in result.plan.other_files:
         if of.mode == "reference":
-            click.echo(f"  taken from the base: {of.name}")
+            _say(f"  taken from the base: {of.name}")
     for line in result.plan.not_shipped:
-        click.echo(f"  not shipped: {line}")
+        _say(f"  not shipped: {line}")
 
 
 @main.command()
@@ -294,14 +327,14 @@ def decode(
     if check_base:
         problems = check_base_api(delta, base, progress=not quiet)
         for p in problems:
-            click.echo(p)
+            _say(p)
         if problems:
             _fail(
                 f"{base}: {len(problems)} difference(s) from the base this delta needs, listed above "
                 "(hint: get the base named by `xorweights inspect DELTA`)",
                 1,
             )
-        click.echo(f"{base} is the base this delta needs: every tensor and referenced file matches")
+        _say(f"{base} is the base this delta needs: every tensor and referenced file matches")
         return
     if out is None:
         raise click.UsageError("missing option '-o' / '--out' (or pass --check-base)")
@@ -310,9 +343,9 @@ def decode(
         how = f"converted to {dtype}" if dtype else "byte-identical to the release"
         if result.written:
             done = f"{len(result.written)} files written, {len(result.skipped)} already done"
-            click.echo(f"rebuilt {out}: {done}; every tensor verified, {how}")
+            _say(f"rebuilt {out}: {done}; every tensor verified, {how}")
         else:
-            click.echo(f"{out}: already complete ({len(result.skipped)} files, verified when written, {how})")
+            _say(f"{out}: already complete ({len(result.skipped)} files, verified when written, {how})")
 
 
 @main.command()
@@ -324,7 +357,7 @@ def checksum(path: Path, out: Path, quiet: bool) -> None:
     """Write per-tensor xxh3-128 and per-file sha256 of the checkpoint at PATH."""
     sums = checksum_api(path, out, progress=not quiet)
     if not quiet:
-        click.echo(f"wrote {out}: {len(sums.tensors)} tensors, {len(sums.files)} files")
+        _say(f"wrote {out}: {len(sums.tensors)} tensors, {len(sums.files)} files")
 
 
 @main.command()
@@ -343,12 +376,12 @@ def verify(path: Path, manifest: Path | None, delta: Path | None, side: str, as_
     """Check the checkpoint at PATH; exit 0 when it matches, 1 when not."""
     report = verify_api(path, manifest=manifest, delta=delta, side=side, progress=not quiet and not as_json)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=1))
+        _say_json(report.to_dict())
     else:
         for p in report.problems:
-            click.echo(p)
+            _say(p)
         if report.ok and not quiet:
-            click.echo(f"{path}: OK, {report.checked_tensors} tensors and {report.checked_files} files match")
+            _say(f"{path}: OK, {report.checked_tensors} tensors and {report.checked_files} files match")
     if not report.ok:
         if not as_json:
             _fail(f"{path}: {len(report.problems)} mismatches (hint: re-run decode into a fresh folder)", 1)
@@ -363,27 +396,25 @@ def inspect(delta: Path, as_json: bool) -> None:
     """Show which base DELTA needs, its sizes, unprotected bytes and format version."""
     s = inspect_api(delta)
     if as_json:
-        click.echo(json.dumps(s.to_dict(), indent=1))
+        _say_json(s.to_dict())
         return
-    click.echo(f"delta format {s.format_version}, made by xorweights {s.tool_version}, compression {s.compression}")
-    click.echo(f"base: {s.base.description}")
+    _say(f"delta format {s.format_version}, made by xorweights {s.tool_version}, compression {s.compression}")
+    _say(f"base: {s.base.description}")
     if s.base.repo_id:
-        click.echo(f"  repo {s.base.repo_id} at revision {s.base.revision or '(unpinned)'}")
-    click.echo(f"tensors: {s.tensors}, XORed against the base: {s.tensors_xored}")
-    click.echo(f"exposure: {s.exposure_line()}")
+        _say(f"  repo {s.base.repo_id} at revision {s.base.revision or '(unpinned)'}")
+    _say(f"tensors: {s.tensors}, XORed against the base: {s.tensors_xored}")
+    _say(f"exposure: {s.exposure_line()}")
     _echo_summary(s)
-    click.echo(f"  files rebuilt: {', '.join(s.files_rebuilt)}")
+    _say(f"  files rebuilt: {', '.join(s.files_rebuilt)}")
 
 
 def _echo_summary(s: DeltaSummary) -> None:
-    click.echo(
-        f"  delta {human_bytes(s.delta_bytes)} for {human_bytes(s.tensor_bytes)} of tensors ({s.ratio}x smaller)"
-    )
-    click.echo(f"  {human_bytes(s.unprotected_bytes)} of tensor bytes stored unprotected by the base")
+    _say(f"  delta {human_bytes(s.delta_bytes)} for {human_bytes(s.tensor_bytes)} of tensors ({s.ratio}x smaller)")
+    _say(f"  {human_bytes(s.unprotected_bytes)} of tensor bytes stored unprotected by the base")
     for line in s.unprotected:
-        click.echo(f"    {line}")
-    click.echo(f"  files taken from the base: {', '.join(s.files_referenced) or 'none'}")
-    click.echo(f"  files shipped in the delta: {', '.join(s.files_shipped) or 'none'}")
+        _say(f"    {line}")
+    _say(f"  files taken from the base: {', '.join(s.files_referenced) or 'none'}")
+    _say(f"  files shipped in the delta: {', '.join(s.files_shipped) or 'none'}")
 
 
 @main.command()
@@ -393,7 +424,7 @@ def demo(keep: Path | None) -> None:
     """Build a tiny LLaMA-shaped base and fine-tune, then encode, decode and verify them."""
     from .demo import run_demo
 
-    run_demo(keep, click.echo)
+    run_demo(keep, _say)
 
 
 def _legacy_options(fn: F) -> F:
@@ -414,17 +445,15 @@ def _legacy_options(fn: F) -> F:
 def _echo_legacy(result: Any, quiet: bool) -> None:
     """Warnings always (on stderr), then what was checked and written unless quiet."""
     for line in result.warnings:
-        click.echo(f"xorweights: warning: {line}", err=True)
+        _warn(line)
     if quiet:
         return
     if result.base_list:
-        click.echo(f"base checked: {len(result.base_checked)} files match {result.base_list}")
+        _say(f"base checked: {len(result.base_checked)} files match {result.base_list}")
     checked = f"every file matches {result.out_list}" if result.out_list else "not checked"
     if result.out_list and result.unchecked:
         checked = f"checked against {result.out_list}, except {len(result.unchecked)} it does not list"
-    click.echo(
-        f"decoded {result.out}: {len(result.written)} files written, {len(result.skipped)} already done; {checked}"
-    )
+    _say(f"decoded {result.out}: {len(result.written)} files written, {len(result.skipped)} already done; {checked}")
 
 
 @main.command("decode-legacy")
@@ -509,11 +538,13 @@ def migrate(
         return
     saved = result.saved_bytes
     change = f"{human_bytes(saved)} smaller" if saved >= 0 else f"{human_bytes(-saved)} larger"
-    click.echo(
+    _say(
         f"wrote {out}: per-tensor delta of {human_bytes(result.delta_bytes)} against the legacy payload's "
         f"{human_bytes(result.legacy_bytes)} ({change})"
     )
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m xorweights.cli: the same as the xorweights command
+    from xorweights.entry import main as entry
+
+    entry()

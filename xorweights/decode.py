@@ -178,7 +178,9 @@ def open_delta_file(folder: InputFolder, path: Path, size: int) -> BinaryIO:
     try:
         f, found = folder.open(path)
     except FileNotFoundError:
-        raise DeltaCorruptError(f"{path}: missing; the delta is incomplete", "re-download the whole delta folder") from None
+        raise DeltaCorruptError(
+            f"{path}: missing; the delta is incomplete", "re-download the whole delta folder"
+        ) from None
     if found != size:
         f.close()
         raise DeltaCorruptError(

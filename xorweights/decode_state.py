@@ -125,7 +125,9 @@ class DecodeState:
         try:
             self.fd = os.open(STATE_NAME, flags, 0o644, dir_fd=out.work_fd)
         except OSError as exc:
-            raise OutputError(f"{self.where}: cannot write the decode state ({exc.strerror})", f"delete {self.where}") from None
+            raise OutputError(
+                f"{self.where}: cannot write the decode state ({exc.strerror})", f"delete {self.where}"
+            ) from None
         if os.fstat(self.fd).st_nlink != 1:  # a hard link planted at our name: truncating it would harm its other name
             os.close(self.fd)
             raise OutputError(f"{self.where}: has other names (hard links); not ours", f"delete {self.where}")

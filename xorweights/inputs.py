@@ -99,7 +99,9 @@ class InputFolder:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise InputFileError(f"{path}: cannot open ({exc.strerror})", "check the file and its permissions") from None
+            raise InputFileError(
+                f"{path}: cannot open ({exc.strerror})", "check the file and its permissions"
+            ) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -127,7 +129,8 @@ class InputFolder:
             data = f.read(size + 1)  # not cap + 1: read(n) allocates n bytes up front
         if len(data) > cap:  # grew since fstat
             raise InputFileError(
-                f"{path}: more than the {cap} bytes allowed for this file", "the file is damaged or hostile; re-download it"
+                f"{path}: more than the {cap} bytes allowed for this file",
+                "the file is damaged or hostile; re-download it",
             )
         return data
 

@@ -616,6 +616,7 @@ def _scratch_folder(work: Path, fresh: bool) -> None:
     A folder of ours holds xorweights' work folder (decode-legacy's lock). It
     is removed first when ``fresh``; anything else at that name is refused.
     """
+
     def is_folder(path: Path) -> bool | None:
         try:
             return stat.S_ISDIR(os.lstat(path).st_mode)

@@ -288,7 +288,9 @@ def parse_weight_file(obj: Any, where: str) -> WeightFile:
 def load_json(text: str, where: str, cap: int = MAX_MANIFEST_BYTES) -> Any:
     """Parse JSON from a stranger, refusing text longer than ``cap`` or with more values than parse in bounded memory."""
     if len(text) > cap:
-        raise ManifestError(f"{where}: {len(text)} characters, more than the {cap} allowed", "the file is damaged or hostile")
+        raise ManifestError(
+            f"{where}: {len(text)} characters, more than the {cap} allowed", "the file is damaged or hostile"
+        )
     values = sum(text.count(c) for c in ",:[{")
     if values > MAX_MANIFEST_VALUES:
         raise ManifestError(
