@@ -16,7 +16,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 import xorweights
 import xorweights.publish
-from xorweights.errors import HubAuthError, HubError
+from xorweights.errors import HubAuthError, HubError, XorWeightsError
 from xorweights.fixtures import make_pair
 from xorweights.manifest import load_manifest
 from xorweights.publish import model_card, push_to_hub
@@ -50,7 +50,10 @@ class FakeApi:
         folder = Path(kwargs["folder_path"])
         self.card = (folder / "README.md").read_text(encoding="utf-8")
         paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        self.uploaded = list(filter_repo_objects(paths, ignore_patterns=kwargs["ignore_patterns"]))
+        allow = kwargs.get("allow_patterns")
+        self.uploaded = list(
+            filter_repo_objects(paths, allow_patterns=allow, ignore_patterns=kwargs["ignore_patterns"])
+        )
         return SimpleNamespace(commit_url=COMMIT_URL, oid="feedbeef")
 
 
@@ -109,18 +112,19 @@ def test_push_creates_the_repo_and_uploads_the_folder_once_with_the_card(delta):
     assert push_to_hub(delta, "me/ft-delta", private=True, api=api) == COMMIT_URL
     assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
     assert api.calls[0][1] == {"repo_id": "me/ft-delta", "repo_type": "model", "private": True, "exist_ok": True}
+    manifest = load_manifest(delta)
+    shipped = [f"files/{f.name}" for f in manifest.other_files if f.mode == "ship"]
+    data = [wf.data_file for wf in manifest.weight_files]
     assert api.calls[1][1] == {
         "folder_path": delta,
         "repo_id": "me/ft-delta",
         "repo_type": "model",
         "commit_message": "Upload xorweights delta (format 2)",
+        "allow_patterns": ["xorweights-delta.json", "README.md", *data, *shipped],
         "ignore_patterns": [".xorweights/*", ".*", "*/.*"],
     }
     check_card(api.card, delta, "me/ft-delta")
     assert (delta / "README.md").read_text(encoding="utf-8") == api.card
-    manifest = load_manifest(delta)
-    shipped = [f"files/{f.name}" for f in manifest.other_files if f.mode == "ship"]
-    data = [wf.data_file for wf in manifest.weight_files]
     assert api.uploaded == sorted(["README.md", "xorweights-delta.json", *data, *shipped])
 
 
@@ -280,3 +284,26 @@ def test_the_recorded_calls_fit_the_real_hfapi(delta):
         args = dict(kwargs)
         positional = [args.pop("repo_id")] if name == "create_repo" else []
         inspect.signature(real[name]).bind(HfApi(), *positional, **args)  # raises on a wrong keyword
+
+
+@pytest.mark.parametrize("attack", ["link out", "stray file", "wrong size"])
+def test_push_uploads_only_the_delta_each_file_checked(delta, tmp_path, attack):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the internet")
+    shipped = next((delta / "files").iterdir())
+    if attack == "link out":
+        shipped.unlink()
+        shipped.symlink_to(secret)
+    elif attack == "stray file":
+        (delta / "notes.txt").symlink_to(secret)
+        (delta / "files" / "extra.json").write_text("{}")
+    else:
+        shipped.write_bytes(shipped.read_bytes() + b" ")
+    api = FakeApi()
+    if attack == "stray file":
+        push_to_hub(delta, "me/ft-delta", api=api)
+        assert "notes.txt" not in api.uploaded and "files/extra.json" not in api.uploaded
+        return
+    with pytest.raises(XorWeightsError, match=str(shipped)):
+        push_to_hub(delta, "me/ft-delta", api=api)
+    assert api.calls == []  # refused before the Hub was asked anything

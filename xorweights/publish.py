@@ -8,6 +8,7 @@ how to push the delta, which stays complete on disk, again.
 
 from __future__ import annotations
 
+import glob
 import re
 import shlex
 from pathlib import Path
@@ -22,9 +23,11 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
+from .decode import open_delta_file
 from .errors import HubAuthError, HubError, InputFileError, UsageError
 from .hub_client import CONNECTION_ERRORS
-from .manifest import SHIPPED_DIR, Manifest, load_manifest
+from .inputs import InputFolder
+from .manifest import MANIFEST_NAME, SHIPPED_DIR, Manifest, load_manifest
 from .outdir import write_file
 from .printable import printable
 from .report import DeltaSummary, delta_size, summarize
@@ -201,6 +204,23 @@ def push_command(delta: Path, repo_id: str, private: bool) -> str:
     return f"xorweights push {shlex.quote(str(delta))} {repo_id}" + (" --private" if private else "")
 
 
+def release_files(delta: Path, manifest: Manifest) -> list[str]:
+    """The files that make up the delta, each checked before anything is uploaded.
+
+    Each must be a regular file inside the delta (a link out of it would
+    publish what it points at) and, for data and shipped files, of exactly the
+    size the manifest declares. Only these are uploaded.
+    """
+    declared = {wf.data_file: sum(s for t in wf.tensors for s, _ in t.frames) for wf in manifest.weight_files}
+    declared |= {f"{SHIPPED_DIR}/{of.name}": of.size for of in manifest.other_files if of.mode == "ship"}
+    folder = InputFolder(delta)
+    for rel, size in declared.items():
+        open_delta_file(folder, delta / rel, size).close()
+    for rel in (MANIFEST_NAME, CARD_NAME):
+        folder.open(delta / rel)[0].close()
+    return [MANIFEST_NAME, CARD_NAME, *declared]
+
+
 def push_to_hub(delta: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:
     """Upload the delta folder ``delta`` to the Hub model repository ``repo_id`` in one commit.
 
@@ -216,6 +236,7 @@ def push_to_hub(delta: str | Path, repo_id: str, private: bool = False, api: HfA
     card = delta / CARD_NAME
     if card.is_symlink() or not card.exists():  # a link would upload whatever it points at
         write_file(card, model_card(manifest, summarize(manifest, delta_size(delta)), repo_id).encode())
+    files = release_files(delta, manifest)
     api = api or HfApi()
     retry = push_command(delta, repo_id, private)
     try:
@@ -225,6 +246,7 @@ def push_to_hub(delta: str | Path, repo_id: str, private: bool = False, api: HfA
             repo_id=repo_id,
             repo_type="model",
             commit_message=f"Upload xorweights delta (format {manifest.format_version})",
+            allow_patterns=[glob.escape(name) for name in files],  # exactly these, nothing planted beside them
             ignore_patterns=list(IGNORE_PATTERNS),  # a fresh list: upload_folder appends to it
         )
     except HFValidationError as exc:
