@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from click.testing import Result
 from conftest import files_digest, run
+from test_errors import edit_manifest, entry
 
 import xorweights
 import xorweights.cli
@@ -41,7 +42,6 @@ from xorweights.publish import model_card
 from xorweights.report import summarize
 
 PACKAGE = Path(xorweights.__file__).parent
-MANIFEST = "xorweights-delta.json"
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 # A new line, a return to column 0, "erase the line", "set the window title", a right-to-left override.
 HOSTILE = "\n\r\x1b[2K\x1b]0;title\x07\u202e"
@@ -85,20 +85,6 @@ def assert_twins(hostile: Result, plain: Result) -> tuple[list[str], list[str]]:
     assert out == lines_of(plain.stdout.replace(PLAIN, ESCAPED))
     assert err == lines_of(plain.stderr.replace(PLAIN, ESCAPED))
     return out, err
-
-
-def read_manifest(delta: Path) -> dict[str, Any]:
-    return json.loads((delta / MANIFEST).read_text())
-
-
-def edit_manifest(delta: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    m = read_manifest(delta)
-    edit(m)
-    (delta / MANIFEST).write_text(json.dumps(m, indent=1))
-
-
-def entry(manifest: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(t for wf in manifest["weight_files"] for t in wf["tensors"] if t["name"] == name)
 
 
 def name_base_tensor(delta: Path, name: str) -> None:

@@ -383,11 +383,12 @@ def _restore(folder: InputFolder, src: Path, out: OutputDir, of: OtherFile, *, f
         out.copy_in(of.name, f, of.size, src, check)
 
 
-def _target_dtype(dtype: str | None) -> str | None:
+def named_dtype(dtype: str | None) -> str | None:
+    """The safetensors dtype for a ``--dtype`` name (None stays None); UsageError for an unknown one."""
     if dtype is None:
         return None
     if dtype not in NAMED:
-        raise UsageError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
+        raise UsageError(f"unknown dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
     return NAMED[dtype]
 
 
@@ -412,7 +413,7 @@ def decode(
     ``org/name[@revision]`` (see :mod:`xorweights.hub`).
     """
     out = Path(out)
-    target_dtype = _target_dtype(dtype)
+    target_dtype = named_dtype(dtype)
     delta, base, manifest = resolve_delta_and_base(delta, base, progress=progress)
     inputs = {"delta": delta, "base": Path(base)}
     refuse_overlap(out, inputs)

@@ -18,9 +18,9 @@ import numpy as np
 
 from .base_stream import BaseStream
 from .checkpoint import Checkpoint
-from .decode import TensorJob, check_tensor, open_delta_file, plan_decode
-from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
-from .errors import NotEnoughMemoryError, UsageError
+from .decode import TensorJob, check_tensor, named_dtype, open_delta_file, plan_decode
+from .dtypes import FLOAT_CASTABLE, ITEMSIZE, cast_bytes
+from .errors import NotEnoughMemoryError
 from .hub import resolve_delta_and_base
 from .inputs import InputFolder
 from .kernel import FrameCodec, new_tensor_hash
@@ -68,17 +68,9 @@ def iter_state_dict(
     Tensors are built as they are asked for, so a caller that drops each
     one holds about one tensor and one frame at a time.
     """
-    tensors = _rebuild(*_resolve(delta, base), _target(dtype))
+    tensors = _rebuild(*_resolve(delta, base), named_dtype(dtype))
     next(tensors)  # plan now, so a base that does not fit is refused by this call
     return tensors
-
-
-def _target(dtype: str | None) -> str | None:
-    if dtype is None:
-        return None
-    if dtype not in NAMED:
-        raise UsageError(f"unknown dtype {dtype!r}", f"use one of {', '.join(sorted(NAMED))}")
-    return NAMED[dtype]
 
 
 def available_memory() -> int | None:
@@ -112,7 +104,7 @@ def load_state_dict(delta: str | Path, base: str | Path, dtype: str | None = Non
     with the memory available before any tensor is built
     (:class:`NotEnoughMemoryError`).
     """
-    tensors = _rebuild(*_resolve(delta, base), _target(dtype), keep_all=True)
+    tensors = _rebuild(*_resolve(delta, base), named_dtype(dtype), keep_all=True)
     next(tensors)
     return dict(tensors)
 

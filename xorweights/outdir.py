@@ -197,23 +197,32 @@ class OutputDir:
         except FileNotFoundError:
             return None
 
+    @staticmethod
+    def _open_existing(dir_fd: int, name: str) -> tuple[BinaryIO, os.stat_result] | None:
+        """``name`` in a held folder, opened for reading without following a link; None if nothing is there."""
+        try:
+            fd = os.open(name, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        return os.fdopen(fd, "rb"), os.fstat(fd)
+
     def digest(self, rel: str, h: Any = None, size: int | None = None, bar: Any = None) -> str | None:
         """The hash (sha256 by default) of the regular file at ``rel``, read without following a link.
 
         None when it is anything else, or not ``size`` bytes long.
         """
         parent_fd, name = self._parent(rel, create=False)
-        if parent_fd is None:
-            return None
         try:
-            fd = os.open(name, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK, dir_fd=parent_fd)
-        except OSError:
+            opened = self._open_existing(parent_fd, name) if parent_fd is not None else None
+        except OSError:  # a link (ELOOP), or unreadable: not the file we want
             return None
-        h = hashlib.sha256() if h is None else h
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
+        if opened is None:
+            return None
+        f, st = opened
+        with f:
             if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
                 return None
+            h = hashlib.sha256() if h is None else h
             while block := f.read(1 << 20):
                 h.update(block)
                 if bar is not None:
@@ -273,16 +282,14 @@ class OutputDir:
         """One of our state files, refused (OutputError) beyond ``cap`` bytes; None if missing."""
         where = self.path / WORK_DIR / name
         work = self.dir_fd(WORK_DIR, create=False)
-        if work is None:
-            return None
         try:
-            fd = os.open(name, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK, dir_fd=work)
-        except FileNotFoundError:
-            return None
+            opened = self._open_existing(work, name) if work is not None else None
         except OSError as exc:
             raise OutputError(f"{where}: cannot read ({exc.strerror})", f"delete {where}") from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
+        if opened is None:
+            return None
+        f, st = opened
+        with f:
             if not stat.S_ISREG(st.st_mode) or st.st_size > cap:
                 raise OutputError(
                     f"{where}: not a state file xorweights wrote (expected at most {cap} bytes, found {st.st_size})",
