@@ -562,3 +562,18 @@ def test_a_payload_file_named_like_a_partial_is_data(tmp_path: Path) -> None:
     r = run("decode-legacy", rel.payload, "-o", out, "--base", rel.base, "--base-md5", rel.base_md5, "-q")
     assert r.exit_code == 0, r.output
     assert (out / ".a.xorweights-partial").read_bytes() == b"data, not a leftover"
+
+
+@pytest.mark.parametrize("side", ["payload", "base"])
+def test_decode_legacy_refuses_a_link_out_of_its_folders(tmp_path: Path, secret: Path, side: str) -> None:
+    from test_legacy import make_release
+
+    rel = make_release(tmp_path / "release")
+    folder = rel.payload if side == "payload" else rel.base
+    link = folder / "config.json"
+    link.unlink()
+    link.symlink_to(secret)
+    out = tmp_path / "out"
+    r = run("decode-legacy", rel.payload, "-o", out, *rel.options(), "--no-check")
+    assert_error(r, 1, f"{link}: a symbolic link to {secret}", hint="link")
+    assert not out.exists() or nothing_of(SECRET, out)

@@ -136,7 +136,7 @@ class Checkpoint:
         self.weight_files.append(WeightFileRef(path, tuple(r.name for r in refs), st))
 
     def _open(self, path: Path) -> str:
-        paths = _weight_paths(path, SAFETENSORS_INDEX, "*.safetensors")
+        paths = _weight_paths(path, self.input, SAFETENSORS_INDEX, "*.safetensors")
         if paths:
             for p in paths:
                 f = SafetensorsFile(p, self.input)
@@ -144,7 +144,7 @@ class Checkpoint:
                 refs = [TensorRef(i.name, i.dtype, i.shape, _SafetensorsSource(f, i), str(p)) for i in f.tensors]
                 self._add(p, refs, f)
             return "safetensors"
-        paths = _weight_paths(path, BIN_INDEX, "pytorch_model*.bin")
+        paths = _weight_paths(path, self.input, BIN_INDEX, "pytorch_model*.bin")
         if paths:
             from .torch_pickle import open_pickle  # torch is needed only for pickled weights
 
@@ -230,13 +230,13 @@ class Checkpoint:
         self.close()
 
 
-def _weight_paths(path: Path, index_name: str, pattern: str) -> list[Path]:
+def _weight_paths(path: Path, folder: InputFolder, index_name: str, pattern: str) -> list[Path]:
     """The weight files of one format: a single file, the shards an index names, or a glob."""
     if path.is_file():
         return [path] if path.suffix == pattern[pattern.rindex(".") :] else []
     index = path / index_name
     if index.is_file():
-        shards = sorted(set(_read_index(index, InputFolder(path)).values()))
+        shards = sorted(set(_read_index(index, folder).values()))
         missing = [s for s in shards if not (path / s).exists() and not (path / s).is_symlink()]
         if missing:
             raise CheckpointError(

@@ -218,7 +218,7 @@ def encode(
             for of in plan.other_files:
                 rel = f"{SHIPPED_DIR}/{of.name}"
                 if of.name in plan.generated:
-                    _write_ours(od, rel, plan.generated[of.name])
+                    od.write_bytes(rel, plan.generated[of.name], replace=True)  # an earlier run's
                 elif of.mode == "ship":
                     _ship(ft, od, of)
             manifest = Manifest(
@@ -266,16 +266,6 @@ def _refuse_foreign_entries(folder: int | Path, where: Path, plan: EncodePlan) -
             + ", which is not part of an xorweights delta in progress",
             "encode into a new, empty folder",
         )
-
-
-def _write_ours(od: OutputDir, rel: str, data: bytes) -> None:
-    """Write a file of the delta in progress, replacing an earlier run's version of it."""
-    if od.holds(rel, len(data), hashlib.sha256(data).hexdigest()):
-        return
-    writer = od.writer(rel, replace=True)
-    with writer as f:
-        f.write(data)
-        writer.commit()
 
 
 def _resume(od: OutputDir, state_name: str, fingerprint: dict[str, object], data_file: str) -> WeightFile | None:

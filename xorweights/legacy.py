@@ -191,11 +191,11 @@ class LegacyResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _checked_file(folder: InputFolder, path: Path) -> tuple[Path, bool]:
-    """The real path of a regular file below ``folder`` (links checked), and whether it starts like gzip."""
+def _starts_like_gzip(folder: InputFolder, path: Path) -> bool:
+    """Whether a file below ``folder`` starts like gzip; refuses a link out of ``folder`` or a non-regular file."""
     f, _ = folder.open(path)
     with f:
-        return folder.resolve(path), f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+        return f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
 
 
 def plan_legacy(payload: Path, base: Path, out_list: Md5List | None) -> tuple[list[LegacyFile], list[str]]:
@@ -219,7 +219,7 @@ def plan_legacy(payload: Path, base: Path, out_list: Md5List | None) -> tuple[li
                 f"{p}: has the name of xorweights' own work folder, so it cannot be decoded into OUT",
                 "rename it in the payload; the legacy codec gives files no meaning by name",
             )
-        real, gzipped = _checked_file(payload_in, p)
+        gzipped = _starts_like_gzip(payload_in, p)
         counterpart = base / p.name
         if counterpart.is_dir():
             raise InputFileError(
@@ -228,9 +228,10 @@ def plan_legacy(payload: Path, base: Path, out_list: Md5List | None) -> tuple[li
             )
         expected = out_list.sums.get(p.name) if out_list else None
         if counterpart.exists() or counterpart.is_symlink():
-            files.append(LegacyFile(p.name, real, _checked_file(base_in, counterpart)[0], gzipped, expected))
+            _starts_like_gzip(base_in, counterpart)  # the same checks for the base file
+            files.append(LegacyFile(p.name, p, counterpart, gzipped, expected))
         else:  # copied byte for byte, as the codec copied added_tokens.json, even if it looks like gzip
-            files.append(LegacyFile(p.name, real, None, False, expected))
+            files.append(LegacyFile(p.name, p, None, False, expected))
     if not files:
         raise InputFileError(f"{payload}: holds no files", "point at the folder of the release's XOR files")
     if out_list is not None:

@@ -245,14 +245,18 @@ class OutputDir:
     def writer(self, rel: str, *, replace: bool = False, resumes: bool = True) -> AtomicWriter:
         return AtomicWriter(self, rel, replace=replace, resumes=resumes)
 
-    def write_bytes(self, rel: str, data: bytes) -> bool:
-        """Write a small file; an identical one already there is kept (False), any other is refused."""
+    def write_bytes(self, rel: str, data: bytes, *, replace: bool = False) -> bool:
+        """Write a small file; an identical one already there is kept (False).
+
+        Any other file there is refused, unless ``replace`` (for a folder of
+        ours, such as a delta in progress: see :func:`publish`).
+        """
         there = self.holds(rel, len(data), hashlib.sha256(data).hexdigest())
-        if there is None:
+        if there is None and not replace:
             raise _foreign(self.path / rel)
         if there:
             return False
-        writer = self.writer(rel)
+        writer = self.writer(rel, replace=replace)
         with writer as f:
             f.write(data)
             writer.commit()
