@@ -101,7 +101,7 @@ class BackgroundHash:
     """
 
     def __init__(
-        self, hash_: Any, release: Callable[[Any], None], executor: ThreadPoolExecutor, depth: int = 4
+        self, hash_: Any, release: Callable[[Any], None], executor: ThreadPoolExecutor, depth: int = 2
     ) -> None:
         self._hash = hash_
         self._release = release
