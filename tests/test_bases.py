@@ -102,7 +102,7 @@ def test_a_pickle_that_carries_code_is_refused_and_never_run(pair, tmp_path):
     folder.mkdir()
     torch.save({"model.norm.weight": _RunsCode()}, folder / "pytorch_model.bin")
     r = run("encode", pair.finetuned, "--base", folder, "-o", tmp_path / "delta")
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     assert (
         f"{folder / 'pytorch_model.bin'}: the pickle holds more than weights (it references posix.system)" in r.stderr
     )
@@ -115,7 +115,7 @@ def test_a_bin_state_dict_that_is_not_flat_is_refused(pair, tmp_path):
     folder.mkdir()
     torch.save({"state_dict": {"w": torch.zeros(2)}}, folder / "pytorch_model.bin")
     r = run("checksum", folder, "-o", tmp_path / "sums.json")
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     assert "expected a flat dict of tensor names to tensors" in r.stderr
 
 

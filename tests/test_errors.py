@@ -298,7 +298,7 @@ def test_flipped_byte_in_a_zstd_frame(pair: Pair, delta: Path, tmp_path: Path) -
     r = run("decode", delta, "--base", pair.base, "-o", out)
     assert_error(
         r,
-        1,
+        3,
         str(delta / "tensors-00001.xwd"),
         "tensor model.embed_tokens.weight frame 0",
         "does not decompress",
@@ -316,7 +316,7 @@ def test_flipped_byte_in_an_uncompressed_delta_is_caught_by_the_tensor_checksum(
     r = run("decode", delta, "--base", pair.base, "-o", out)
     assert_error(
         r,
-        1,
+        3,
         "tensor model.embed_tokens.weight: rebuilt xxh3-128",
         f"differs from the manifest's {first['xxh3']}",
         hint="re-download",
@@ -329,30 +329,30 @@ def test_truncated_data_file(pair: Pair, delta: Path, tmp_path: Path) -> None:
     size = data.stat().st_size
     data.write_bytes(data.read_bytes()[:-100])
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{data}: expected {size} bytes, found {size - 100}", hint="truncated")
+    assert_error(r, 3, f"{data}: expected {size} bytes, found {size - 100}", hint="truncated")
 
 
 def test_missing_data_file(pair: Pair, delta: Path, tmp_path: Path) -> None:
     (delta / "tensors-00002.xwd").unlink()
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{delta / 'tensors-00002.xwd'}: missing", hint="download the whole delta folder")
+    assert_error(r, 3, f"{delta / 'tensors-00002.xwd'}: missing", hint="download the whole delta folder")
 
 
 def test_missing_manifest(pair: Pair, delta: Path, tmp_path: Path) -> None:
     (delta / MANIFEST).unlink()
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{delta}: no {MANIFEST}; this is not a complete delta", hint="xorweights encode")
+    assert_error(r, 3, f"{delta}: no {MANIFEST}; this is not a complete delta", hint="xorweights encode")
 
 
 def test_missing_delta_folder(pair: Pair, tmp_path: Path) -> None:
     r = run("decode", tmp_path / "nowhere", "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{tmp_path / 'nowhere'}: no such delta folder", hint=MANIFEST)
+    assert_error(r, 3, f"{tmp_path / 'nowhere'}: no such delta folder", hint=MANIFEST)
 
 
 def test_missing_shipped_file(pair: Pair, delta: Path, tmp_path: Path) -> None:
     (delta / "files" / "config.json").unlink()
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{delta / 'files' / 'config.json'}: missing", hint="re-download")
+    assert_error(r, 3, f"{delta / 'files' / 'config.json'}: missing", hint="re-download")
 
 
 # ---------------------------------------------------------------- hostile or damaged manifests
@@ -361,7 +361,7 @@ def test_missing_shipped_file(pair: Pair, delta: Path, tmp_path: Path) -> None:
 def test_manifest_from_a_newer_version(pair: Pair, delta: Path, tmp_path: Path) -> None:
     edit_manifest(delta, lambda m: m.update(format_version=99))
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, str(delta / MANIFEST), "format version 99", "newer xorweights", hint="upgrade")
+    assert_error(r, 3, str(delta / MANIFEST), "format version 99", "newer xorweights", hint="upgrade")
 
 
 def test_weight_file_name_escaping_out_is_refused(pair: Pair, delta: Path, tmp_path: Path) -> None:
@@ -372,7 +372,7 @@ def test_weight_file_name_escaping_out_is_refused(pair: Pair, delta: Path, tmp_p
     before = tree_digest(tmp_path)
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, "'../evil.safetensors' escapes the output folder", str(delta / MANIFEST), hint="hostile")
+    assert_error(r, 3, "'../evil.safetensors' escapes the output folder", str(delta / MANIFEST), hint="hostile")
     assert not (tmp_path / "evil.safetensors").exists()
     assert not out.exists()
     assert tree_digest(tmp_path) == before
@@ -389,7 +389,7 @@ def test_absolute_other_file_name_is_refused(pair: Pair, delta: Path, tmp_path: 
     before = tree_digest(tmp_path)
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, "'/etc/passwd' escapes the output folder", "other_files[0]", hint="hostile")
+    assert_error(r, 3, "'/etc/passwd' escapes the output folder", "other_files[0]", hint="hostile")
     assert not out.exists()
     assert tree_digest(tmp_path) == before
     assert (passwd.stat().st_mtime_ns if passwd.exists() else None) == passwd_before
@@ -411,7 +411,7 @@ def test_manifest_missing_a_field(
 ) -> None:
     edit_manifest(delta, drop)
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, str(delta / MANIFEST), needle, hint="re-download the delta")
+    assert_error(r, 3, str(delta / MANIFEST), needle, hint="re-download the delta")
 
 
 def test_manifest_listing_a_tensor_twice(pair: Pair, delta: Path, tmp_path: Path) -> None:
@@ -422,7 +422,7 @@ def test_manifest_listing_a_tensor_twice(pair: Pair, delta: Path, tmp_path: Path
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
     assert_error(
         r,
-        1,
+        3,
         str(delta / MANIFEST),
         "tensor 'model.layers.0.self_attn.q_proj.weight' is listed twice",
         hint="re-download",
@@ -433,7 +433,7 @@ def test_manifest_xoring_more_bytes_than_the_base_holds(pair: Pair, delta: Path,
     # lm_head.weight has 4 added rows: the base covers 4096 of its 4352 bytes.
     edit_manifest(delta, lambda m: entry(m, "lm_head.weight").update(xor_bytes=4352))
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, "lm_head.weight", str(delta / MANIFEST), hint="re-download")
+    assert_error(r, 3, "lm_head.weight", str(delta / MANIFEST), hint="re-download")
 
 
 def test_manifest_xoring_against_a_base_dtype_that_cannot_be_cast(pair: Pair, delta: Path, tmp_path: Path) -> None:
@@ -441,13 +441,13 @@ def test_manifest_xoring_against_a_base_dtype_that_cannot_be_cast(pair: Pair, de
     rewrite_header(pair.base / SHARD2, lambda h: h["lm_head.weight"].update(dtype="I16"))
     edit_manifest(delta, lambda m: entry(m, "lm_head.weight")["base"].update(dtype="I16"))
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, "lm_head.weight", "I16", "F16", hint="re-download")
+    assert_error(r, 3, "lm_head.weight", "I16", "F16", hint="re-download")
 
 
 def test_manifest_header_that_is_not_utf8(pair: Pair, delta: Path, tmp_path: Path) -> None:
     edit_manifest(delta, lambda m: m["weight_files"][0].update(header="\ud800"))
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, str(delta / MANIFEST), SHARD1, hint="re-download")
+    assert_error(r, 3, str(delta / MANIFEST), SHARD1, hint="re-download")
 
 
 # ---------------------------------------------------------------- bad safetensors given to encode
@@ -516,7 +516,7 @@ def test_encode_refuses_a_damaged_safetensors_file(pair: Pair, tmp_path: Path, d
     needle = damage(shard)
     out = tmp_path / "delta"
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", out)
-    assert_error(r, 1, str(shard), needle, hint="re-download")
+    assert_error(r, 3, str(shard), needle, hint="re-download")
     assert not (out / MANIFEST).exists()
 
 
@@ -526,20 +526,20 @@ def test_encode_folder_without_safetensors(pair: Pair, tmp_path: Path) -> None:
     (folder / "config.json").write_text("{}")
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x02")
     r = run("encode", folder, "--base", pair.base, "-o", tmp_path / "delta")
-    assert_error(r, 1, f"{folder / 'pytorch_model.bin'}: not a readable PyTorch weights file", hint="re-download")
+    assert_error(r, 3, f"{folder / 'pytorch_model.bin'}: not a readable PyTorch weights file", hint="re-download")
     (folder / "pytorch_model.bin").rename(folder / "model.gguf")
     r = run("encode", folder, "--base", pair.base, "-o", tmp_path / "delta")
-    assert_error(r, 1, f"{folder}: no weights xorweights can read (found model.gguf)", hint="params.json")
+    assert_error(r, 3, f"{folder}: no weights xorweights can read (found model.gguf)", hint="params.json")
 
 
 def test_encode_path_that_does_not_exist(pair: Pair, tmp_path: Path) -> None:
     r = run("encode", tmp_path / "nope", "--base", pair.base, "-o", tmp_path / "delta")
-    assert_error(r, 1, f"{tmp_path / 'nope'}: no such file or folder", hint="check the path")
+    assert_error(r, 3, f"{tmp_path / 'nope'}: no such file or folder", hint="check the path")
 
 
 def test_decode_base_that_does_not_exist(delta: Path, tmp_path: Path) -> None:
     r = run("decode", delta, "--base", tmp_path / "nope", "-o", tmp_path / "out")
-    assert_error(r, 1, f"{tmp_path / 'nope'}: no such file or folder", hint="check the path")
+    assert_error(r, 3, f"{tmp_path / 'nope'}: no such file or folder", hint="check the path")
 
 
 # ---------------------------------------------------------------- usage errors
@@ -570,7 +570,7 @@ def test_decode_refuses_out_inside_an_input(pair: Pair, delta: Path, inside: str
     before = tree_digest(folder)
     out = folder / "rebuilt"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, f"{out}: the output folder lies inside the {inside} {folder}", hint="outside every input")
+    assert_error(r, 5, f"{out}: the output folder lies inside the {inside} {folder}", hint="outside every input")
     assert tree_digest(folder) == before
     assert not out.exists()
 
@@ -581,7 +581,7 @@ def test_encode_refuses_out_inside_an_input(pair: Pair, inside: str) -> None:
     before = tree_digest(folder)
     out = folder / "delta"
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", out)
-    assert_error(r, 1, f"{out}: the output folder lies inside the {inside} {folder}", hint="outside every input")
+    assert_error(r, 5, f"{out}: the output folder lies inside the {inside} {folder}", hint="outside every input")
     assert tree_digest(folder) == before
     assert not out.exists()
 
@@ -626,9 +626,9 @@ def test_verify_against_a_bad_checksum_manifest(tampered: Path, tmp_path: Path) 
     bad = tmp_path / "sums.json"
     bad.write_text('{"format": "something-else"}')
     r = run("verify", tampered, "--manifest", bad)
-    assert_error(r, 1, f"{bad}: not an xorweights checksum manifest", hint="xorweights checksum")
+    assert_error(r, 3, f"{bad}: not an xorweights checksum manifest", hint="xorweights checksum")
 
 
 def test_inspect_a_folder_that_is_not_a_delta(pair: Pair) -> None:
     r = run("inspect", pair.base)
-    assert_error(r, 1, f"{pair.base}: no {MANIFEST}; this is not a complete delta", hint="xorweights encode")
+    assert_error(r, 3, f"{pair.base}: no {MANIFEST}; this is not a complete delta", hint="xorweights encode")

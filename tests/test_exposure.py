@@ -50,7 +50,7 @@ def test_a_base_without_the_model_prefix_is_refused_with_the_rename_that_fixes_i
     stripped = {name.removeprefix("model."): t for name, t in base_tensors.items()}
     base, ft_dir = pair_from(tmp_path, stripped, ft)
     r = encode_cli(ft_dir, base, tmp_path / "delta")
-    assert r.exit_code == 1
+    assert r.exit_code == 6
     line = error_line(r)
     assert "of tensor bytes" in line and "more than --max-unprotected 1%" in line
     assert "model.embed_tokens.weight 16.2 KiB" in line
@@ -73,7 +73,7 @@ def test_a_base_missing_a_tensor_is_refused_unless_allowed(tmp_path):
     del base_tensors["model.layers.1.mlp.gate_proj.weight"]
     base, ft_dir = pair_from(tmp_path, base_tensors, ft)
     r = encode_cli(ft_dir, base, tmp_path / "delta")
-    assert r.exit_code == 1
+    assert r.exit_code == 6
     assert "model.layers.1.mlp.gate_proj.weight 5.5 KiB" in error_line(r)
     r = encode_cli(ft_dir, base, tmp_path / "delta", "--allow-unprotected")
     assert r.exit_code == 0, r.stderr
@@ -90,7 +90,7 @@ def test_a_large_extra_tensor_is_refused_and_a_raised_limit_accepts_it(tmp_path)
     ft["score.weight"] = Tensor("F32", np.ones((16, SPEC.hidden), np.float32))  # 2 KiB: 2.4% of the model
     base, ft_dir = pair_from(tmp_path, base_tensors, ft)
     r = encode_cli(ft_dir, base, tmp_path / "delta")
-    assert r.exit_code == 1
+    assert r.exit_code == 6
     line = error_line(r)
     assert line.index("score.weight 2.0 KiB") < line.index("lm_head.weight 256 B")  # largest first
     assert "and 1 more" in line
@@ -106,7 +106,7 @@ def test_a_renamed_tensor_is_refused_even_under_the_limit(tmp_path):
     base_tensors["model.final_norm.weight"] = base_tensors.pop("model.norm.weight")  # 64 bytes
     base, ft_dir = pair_from(tmp_path, base_tensors, ft)
     r = encode_cli(ft_dir, base, tmp_path / "delta")
-    assert r.exit_code == 1
+    assert r.exit_code == 6
     line = error_line(r)
     assert "1 fine-tune tensor(s) have no counterpart although the base has one like them" in line
     assert (
@@ -145,7 +145,7 @@ def test_dry_run_that_would_refuse_exits_1_after_the_report(tmp_path):
     del base_tensors["model.embed_tokens.weight"]
     base, ft_dir = pair_from(tmp_path, base_tensors, ft)
     r = run("encode", ft_dir, "--base", base, "-o", tmp_path / "delta", "--dry-run")
-    assert r.exit_code == 1
+    assert r.exit_code == 6
     assert "model.embed_tokens.weight: 16.2 KiB (no tensor of that name in the base)" in r.stdout
     assert "encode refused" in r.stderr
     assert not (tmp_path / "delta").exists()
@@ -159,5 +159,5 @@ def test_a_manifest_whose_exposure_does_not_match_its_tensors_is_refused(pair, t
     manifest["exposure"]["unprotected_bytes"] = 0
     path.write_text(json.dumps(manifest))
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     assert "exposure says 0 unprotected bytes, the tensors hold 640" in r.stderr

@@ -61,7 +61,7 @@ def test_free_space_is_checked_before_starting(medium, tmp_path):
     mount_tmpfs(disk, "size=2m")
     try:
         r = run("decode", delta, "--base", pair.base, "-o", disk / "out")
-        assert r.exit_code == 1
+        assert r.exit_code == 5
         assert "this decode needs about 2.5 MiB more, and only 2.0 MiB is free" in r.stderr
         assert visible(disk / "out") == {}
     finally:
@@ -75,7 +75,7 @@ def test_a_read_only_output_is_refused(pair, tmp_path):
     mount_tmpfs(ro, "ro,size=1m")
     try:
         r = run("decode", delta, "--base", pair.base, "-o", ro / "out")
-        assert r.exit_code == 1
+        assert r.exit_code == 5
         assert f"{ro / 'out'}: cannot create the output folder (Read-only file system)" in r.stderr
     finally:
         subprocess.run(["umount", str(ro)], check=True)

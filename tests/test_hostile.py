@@ -172,7 +172,7 @@ def test_damaged_safetensors_file_is_refused(
     folder, command, out = refusal(pair, role, tmp_path)
     shard = folder / SHARD1
     needle = damage(shard)
-    assert_error(command(), 1, str(shard), needle, hint="re-download")
+    assert_error(command(), 3, str(shard), needle, hint="re-download")
     assert_nothing_finished(out)
 
 
@@ -182,7 +182,7 @@ def test_falsy_metadata_that_is_not_a_map_is_refused(pair: Pair, tmp_path: Path,
     rewrite_header(shard, lambda h: h.update(__metadata__=value))
     out = tmp_path / "out"
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", out)
-    assert_error(r, 1, str(shard), "__metadata__ must map strings to strings")
+    assert_error(r, 3, str(shard), "__metadata__ must map strings to strings")
     assert_nothing_finished(out)
 
 
@@ -228,7 +228,7 @@ def test_inconsistent_shards_are_refused(
 ) -> None:
     folder, command, out = refusal(pair, role, tmp_path)
     needles = damage(folder)
-    assert_error(command(), 1, *needles)
+    assert_error(command(), 3, *needles)
     assert_nothing_finished(out)
 
 
@@ -253,7 +253,7 @@ def test_model_safetensors_that_is_not_a_file_is_refused(
     single = make(shards=1, index=False)
     folder, command, out = refusal(single, role, tmp_path)
     needle = damage(folder / "model.safetensors")
-    assert_error(command(), 1, needle)
+    assert_error(command(), 3, needle)
     assert_nothing_finished(out)
 
 
@@ -343,9 +343,9 @@ def test_hostile_manifest_is_refused(
     (delta / MANIFEST).write_text(json.dumps(m, indent=1))
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, f"{delta / MANIFEST}", needle, hint=hint)
+    assert_error(r, 3, f"{delta / MANIFEST}", needle, hint=hint)
     assert_nothing_finished(out)
-    assert_error(run("inspect", delta), 1, f"{delta / MANIFEST}", needle)
+    assert_error(run("inspect", delta), 3, f"{delta / MANIFEST}", needle)
 
 
 def test_data_file_shared_by_two_weight_files(pair: Pair, delta: Path, tmp_path: Path) -> None:
@@ -355,7 +355,7 @@ def test_data_file_shared_by_two_weight_files(pair: Pair, delta: Path, tmp_path:
     edit_manifest(delta, share)
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, str(delta / MANIFEST), f"data file {DATA1} is used by both {SHARD1} and {SHARD2}")
+    assert_error(r, 3, str(delta / MANIFEST), f"data file {DATA1} is used by both {SHARD1} and {SHARD2}")
     assert_nothing_finished(out)
 
 
@@ -368,7 +368,7 @@ def test_frame_sizes_that_do_not_add_up_to_the_data_file(pair: Pair, delta: Path
     edit_manifest(delta, grow)
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, f"{delta / DATA1}: expected {size + 1} bytes, found {size}", hint="re-download")
+    assert_error(r, 3, f"{delta / DATA1}: expected {size + 1} bytes, found {size}", hint="re-download")
     assert_nothing_finished(out)
 
 
@@ -380,7 +380,7 @@ def test_file_name_with_control_characters_is_refused_on_one_line(pair: Pair, de
     edit_manifest(delta, evil)
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, str(delta / MANIFEST), "weight_files[0]")
+    assert_error(r, 3, str(delta / MANIFEST), "weight_files[0]")
     assert_nothing_finished(out)
 
 
@@ -438,7 +438,7 @@ def test_frame_that_is_not_whole_elements(pair: Pair, framed: Path, tmp_path: Pa
 
     edit_manifest(framed, skew)
     r, out = decode_framed(pair, framed, tmp_path)
-    assert_error(r, 1, str(framed / MANIFEST), f"tensor {Q_PROJ} has frames that are not whole elements")
+    assert_error(r, 3, str(framed / MANIFEST), f"tensor {Q_PROJ} has frames that are not whole elements")
     assert_nothing_finished(out)
 
 
@@ -455,7 +455,7 @@ def test_decompression_bomb_is_refused_before_it_expands(pair: Pair, framed: Pat
         tracemalloc.stop()
     assert_error(
         r,
-        1,
+        3,
         f"{framed / DATA1}: tensor {Q_PROJ} frame 3",
         f"frame claims {bomb_size} bytes, the manifest says 64",
         hint="re-download",
@@ -470,14 +470,14 @@ def test_frame_without_a_content_size_is_refused(pair: Pair, framed: Path, tmp_p
     assert zstandard.frame_content_size(unsized) == -1
     replace_frame(framed, Q_PROJ, 2, unsized)
     r, out = decode_framed(pair, framed, tmp_path)
-    assert_error(r, 1, f"{framed / DATA1}: tensor {Q_PROJ} frame 2", "the manifest says 64", hint="re-download")
+    assert_error(r, 3, f"{framed / DATA1}: tensor {Q_PROJ} frame 2", "the manifest says 64", hint="re-download")
     assert_nothing_finished(out)
 
 
 def test_truncated_frame_is_refused(pair: Pair, framed: Path, tmp_path: Path) -> None:
     replace_frame(framed, Q_PROJ, 5, original_frame(framed, Q_PROJ, 5)[:-1])
     r, out = decode_framed(pair, framed, tmp_path)
-    assert_error(r, 1, f"{framed / DATA1}: tensor {Q_PROJ} frame 5", "does not decompress", hint="re-download")
+    assert_error(r, 3, f"{framed / DATA1}: tensor {Q_PROJ} frame 5", "does not decompress", hint="re-download")
     assert_nothing_finished(out)
 
 
@@ -489,7 +489,7 @@ def test_truncated_frame_is_refused(pair: Pair, framed: Path, tmp_path: Path) ->
 def test_bytes_after_the_zstd_frame_are_refused(pair: Pair, framed: Path, tmp_path: Path) -> None:
     replace_frame(framed, Q_PROJ, 4, original_frame(framed, Q_PROJ, 4) + b"hidden payload")
     r, out = decode_framed(pair, framed, tmp_path)
-    assert_error(r, 1, f"{framed / DATA1}: tensor {Q_PROJ} frame 4", hint="re-download")
+    assert_error(r, 3, f"{framed / DATA1}: tensor {Q_PROJ} frame 4", hint="re-download")
     assert_nothing_finished(out)
 
 
@@ -508,7 +508,7 @@ def test_frames_swapped_within_a_tensor_fail_its_checksum(pair: Pair, framed: Pa
     (framed / DATA1).write_bytes(bytes(data))
     want = entry(read_manifest(framed), EMBED)["xxh3"]
     r, out = decode_framed(pair, framed, tmp_path)
-    assert_error(r, 1, f"tensor {EMBED}: rebuilt xxh3-128", f"differs from the manifest's {want}", hint="re-download")
+    assert_error(r, 3, f"tensor {EMBED}: rebuilt xxh3-128", f"differs from the manifest's {want}", hint="re-download")
     assert_nothing_finished(out)
 
 
@@ -533,7 +533,7 @@ def test_decode_refuses_an_output_name_that_is_a_link_out_of_out(
     out.mkdir()
     (out / name).symlink_to(elsewhere / target)
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, f"{out / name}: already exists and is not the file this delta rebuilds", hint="remove that file")
+    assert_error(r, 5, f"{out / name}: already exists and is not the file this delta rebuilds", hint="remove that file")
     assert (elsewhere / "victim.txt").read_bytes() == b"precious\n"
     assert sorted(p.name for p in elsewhere.iterdir()) == ["victim.txt"]
     assert (out / name).is_symlink()

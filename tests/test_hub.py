@@ -195,7 +195,7 @@ def test_the_python_api_takes_repo_ids_too(tmp_path, released):
 def test_offline_with_nothing_cached_says_so_in_one_line(tmp_path):
     run = Runner(tmp_path)
     r = run("decode", "org/delta", "--base", "org/base", "-o", tmp_path / "out", offline=True)
-    assert r.returncode == 1
+    assert r.returncode == 4
     line = one_error_line(r)
     assert "delta org/delta: not in the local Hugging Face cache" in line
     assert "HF_HUB_OFFLINE=1" in line
@@ -333,7 +333,7 @@ def test_a_missing_repo_is_one_line_naming_it(tmp_path, released, hub):
     _, delta = released
     run = Runner(tmp_path)
     r = run("decode", "org/nothing", "--base", "org/base", "-o", tmp_path / "out", endpoint=hub.url)
-    assert r.returncode == 1
+    assert r.returncode == 4
     line = one_error_line(r)
     assert f"delta org/nothing: no such local folder, and no such repo on {hub.url} (or it is private)" in line
     assert "HF_TOKEN" in line and "hf auth login" in line
@@ -349,24 +349,24 @@ def test_private_gated_and_unknown_revision_errors(tmp_path, released, hub):
     run = Runner(tmp_path)
     out = tmp_path / "out"
     r = run("decode", "org/delta", "--base", "org/private", "-o", out, "-q", endpoint=hub.url)
-    assert r.returncode == 1
+    assert r.returncode == 4
     assert "base org/private: no such local folder, and no such repo" in one_error_line(r)
     r = run("decode", "org/delta", "--base", "org/gated", "-o", out, "-q", endpoint=hub.url)
-    assert r.returncode == 1
+    assert r.returncode == 4
     line = one_error_line(r)
     assert "base org/gated: a gated repo" in line and "HF_TOKEN" in line
     r = run("decode", "org/delta", "--base", "org/base@v9", "-o", out, "-q", endpoint=hub.url)
-    assert r.returncode == 1
+    assert r.returncode == 4
     assert "base org/base@v9: org/base has no revision v9" in one_error_line(r)
     r = run("decode", "org/delta@nope", "--base", "org/base", "-o", out, "-q", endpoint=hub.url)
-    assert r.returncode == 1
+    assert r.returncode == 4
     assert "delta org/delta@nope: org/delta has no revision nope" in one_error_line(r)
 
 
 def test_an_unreachable_hub_with_nothing_cached(tmp_path):
     run = Runner(tmp_path)
     r = run("verify", tmp_path, "--delta", "org/delta", endpoint=CLOSED_PORT)
-    assert r.returncode == 1
+    assert r.returncode == 4
     line = one_error_line(r)
     assert f"delta org/delta: could not reach {CLOSED_PORT}" in line
     assert "not in the local Hugging Face cache" in line

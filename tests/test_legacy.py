@@ -348,13 +348,13 @@ def test_a_foreign_file_in_out_is_refused(rel: Release, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("mine")
-    line = one_error_line(run("decode-legacy", rel.payload, "-o", out, *rel.options()), 1)
+    line = one_error_line(run("decode-legacy", rel.payload, "-o", out, *rel.options()), 5)
     assert f"{out / 'config.json'}: already exists and is not the published decoded file" in line
     assert (out / "config.json").read_text() == "mine"
 
 
 def test_out_inside_an_input_is_refused(rel: Release) -> None:
-    line = one_error_line(run("decode-legacy", rel.payload, "-o", rel.payload / "out", *rel.options()), 1)
+    line = one_error_line(run("decode-legacy", rel.payload, "-o", rel.payload / "out", *rel.options()), 5)
     assert "lies inside the payload" in line
 
 

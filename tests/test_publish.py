@@ -217,7 +217,7 @@ def test_push_command_pushes_a_finished_delta(delta, fake_hub):
 def test_push_command_refuses_a_folder_that_is_not_a_delta(tmp_path, fake_hub):
     (tmp_path / "half").mkdir()
     r = run("push", tmp_path / "half", "me/x")
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     assert "no xorweights-delta.json; this is not a complete delta" in r.stderr
     assert fake_hub.calls == [] and not (tmp_path / "half" / "README.md").exists()
 
@@ -252,7 +252,7 @@ def test_hub_errors_become_one_line_with_a_retry_command(delta, monkeypatch, err
     api = FakeApi(error, at)
     monkeypatch.setattr(xorweights.publish, "HfApi", lambda: api)
     r = run("push", delta, "me/ft-delta", "--private")
-    assert r.exit_code == 1
+    assert r.exit_code == 4
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("xorweights: error: ")
@@ -268,7 +268,7 @@ def test_encode_then_a_failed_push_keeps_the_delta_and_says_how_to_push_it(tmp_p
     monkeypatch.setattr(xorweights.publish, "HfApi", lambda: api)
     out = tmp_path / "delta"
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", out, "--push-to-hub", "me/ft-delta")
-    assert r.exit_code == 1
+    assert r.exit_code == 4
     assert r.stdout.startswith(f"wrote {out}: ")
     assert r.stderr.count("\n") == 1
     assert f"then `xorweights push {out} me/ft-delta`)" in r.stderr

@@ -1,8 +1,9 @@
 """docs/reliability.md is generated here, from real runs, so it cannot drift from the code.
 
 Every bad input below is built from the tiny fixtures and fed to the CLI; the
-test asserts exit code 1 (or 2), a single error line with a hint and no
-traceback, then renders the message into the table. The faults are injected
+test asserts the exit code of the error's class (docs/decoding.md, "Exit codes"),
+a single error line with a hint and no traceback, then renders the code and the
+message into the table. The faults are injected
 for real (kill -9 of a decode, a disk that fills up) and counted. If the
 rendered document differs from the committed one the test fails; regenerate it
 with ``XORWEIGHTS_WRITE_DOCS=1 .venv/bin/python -m pytest tests/test_reliability_doc.py``.
@@ -267,59 +268,75 @@ def _edit_header_same_length(m: dict[str, Any]) -> None:
 
 
 CASES = [
-    Case("safetensors", "a truncated file", damaged_finetune(_truncate_to_prefix)),
-    Case("safetensors", "a header length larger than the file", damaged_finetune(_header_longer_than_file)),
-    Case("safetensors", "a header over 100 MB", damaged_finetune(_claims_200_mb)),
-    Case("safetensors", "invalid JSON in the header", damaged_finetune(_invalid_json)),
-    Case("safetensors", "a non-string `__metadata__` value", damaged_finetune(_metadata_value_not_a_string)),
-    Case("safetensors", "an unknown dtype", damaged_finetune(_unknown_dtype)),
-    Case("safetensors", "offsets out of range", damaged_finetune(_offsets_past_the_end)),
-    Case("safetensors", "overlapping offsets", damaged_finetune(_overlapping_offsets)),
-    Case("safetensors", "offsets leaving a gap", damaged_finetune(_gap)),
-    Case("safetensors", "offsets not covering the data", damaged_finetune(_trailing_bytes)),
-    Case("safetensors", "shape × dtype not matching the byte length", damaged_finetune(_shape_does_not_match_bytes)),
-    Case("safetensors", "duplicate tensor names", damaged_finetune(_duplicate_tensor_name)),
-    Case("safetensors", "a weight file that is a directory", damaged_finetune(_directory)),
-    Case("safetensors", "a weight file that is a broken link", damaged_finetune(_broken_symlink)),
-    Case("manifest", "an unknown (newer) format version", edited_manifest(lambda m: m.update(format_version=99))),
-    Case("manifest", "a missing field", edited_manifest(lambda m: m.pop("compression"))),
-    Case("manifest", "an extra field", edited_manifest(lambda m: m.update(signed_by="me"))),
+    Case("safetensors", "a truncated file", damaged_finetune(_truncate_to_prefix), code=3),
+    Case("safetensors", "a header length larger than the file", damaged_finetune(_header_longer_than_file), code=3),
+    Case("safetensors", "a header over 100 MB", damaged_finetune(_claims_200_mb), code=3),
+    Case("safetensors", "invalid JSON in the header", damaged_finetune(_invalid_json), code=3),
+    Case("safetensors", "a non-string `__metadata__` value", damaged_finetune(_metadata_value_not_a_string), code=3),
+    Case("safetensors", "an unknown dtype", damaged_finetune(_unknown_dtype), code=3),
+    Case("safetensors", "offsets out of range", damaged_finetune(_offsets_past_the_end), code=3),
+    Case("safetensors", "overlapping offsets", damaged_finetune(_overlapping_offsets), code=3),
+    Case("safetensors", "offsets leaving a gap", damaged_finetune(_gap), code=3),
+    Case("safetensors", "offsets not covering the data", damaged_finetune(_trailing_bytes), code=3),
+    Case(
+        "safetensors",
+        "shape × dtype not matching the byte length",
+        damaged_finetune(_shape_does_not_match_bytes),
+        code=3,
+    ),
+    Case("safetensors", "duplicate tensor names", damaged_finetune(_duplicate_tensor_name), code=3),
+    Case("safetensors", "a weight file that is a directory", damaged_finetune(_directory), code=3),
+    Case("safetensors", "a weight file that is a broken link", damaged_finetune(_broken_symlink), code=3),
+    Case(
+        "manifest", "an unknown (newer) format version", edited_manifest(lambda m: m.update(format_version=99)), code=3
+    ),
+    Case("manifest", "a missing field", edited_manifest(lambda m: m.pop("compression")), code=3),
+    Case("manifest", "an extra field", edited_manifest(lambda m: m.update(signed_by="me")), code=3),
     Case(
         "manifest",
         "a file name with `..`",
         edited_manifest(lambda m: m["weight_files"][0].update(name="../evil.safetensors")),
+        code=3,
     ),
     Case(
-        "manifest", "an absolute file name", edited_manifest(lambda m: m["other_files"][0].update(name="/etc/passwd"))
+        "manifest",
+        "an absolute file name",
+        edited_manifest(lambda m: m["other_files"][0].update(name="/etc/passwd")),
+        code=3,
     ),
     Case(
         "manifest",
         "a file name with NUL",
         edited_manifest(lambda m: m["other_files"][0].update(name="config.json\x00.sh")),
+        code=3,
     ),
     Case(
         "manifest",
         "a file name with a path separator",
         edited_manifest(lambda m: m["weight_files"][0].update(name="sub/model.safetensors")),
+        code=3,
     ),
     Case(
         "manifest",
         "a tensor listed twice",
         edited_manifest(lambda m: m["weight_files"][1]["tensors"].append(m["weight_files"][0]["tensors"][1])),
+        code=3,
     ),
     Case(
         "manifest",
         "frame sizes that do not match the data file",
         edited_manifest(lambda m: entry(m, Q_PROJ)["frames"][0].__setitem__(0, entry(m, Q_PROJ)["frames"][0][0] + 1)),
+        code=3,
     ),
-    Case("frames", "a decompression bomb (64 MiB where 64 bytes are declared)", damaged_frames(_bomb)),
-    Case("frames", "a flipped bit in a compressed frame", damaged_frames(_flip_frame)),
+    Case("frames", "a decompression bomb (64 MiB where 64 bytes are declared)", damaged_frames(_bomb), code=3),
+    Case("frames", "a flipped bit in a compressed frame", damaged_frames(_flip_frame), code=3),
     Case(
         "frames",
         "a truncated frame",
         damaged_frames(lambda d: replace_frame(d, Q_PROJ, 1, original_frame(d, Q_PROJ, 1)[:-1])),
+        code=3,
     ),
-    Case("frames", "frames in the wrong order", damaged_frames(_swap_two_frames)),
+    Case("frames", "frames in the wrong order", damaged_frames(_swap_two_frames), code=3),
     Case("wrong base", "another model (other weights)", other_base(seed=5)),
     Case("wrong base", "another dtype (F32)", other_base(base_dtype="F32")),
     Case("wrong base", "a lossy bf16 conversion of an fp16 base", other_base(base_dtype="BF16")),
@@ -331,30 +348,32 @@ CASES = [
         "a referenced file missing",
         changed_base(lambda p: (p.base / "tokenizer.model").unlink()),
     ),
-    Case("release", "a base whose tensor names lack `model.`", _wrong_name_prefix),
-    Case("links and files", "a fine-tune file linking out of its folder", _linked_out_of_the_finetune),
-    Case("links and files", "a shipped file linking out of the delta", _shipped(_link_to_secret)),
-    Case("links and files", "a shipped file that is a FIFO", _shipped(_fifo)),
+    Case("release", "a base whose tensor names lack `model.`", _wrong_name_prefix, code=6),
+    Case("links and files", "a fine-tune file linking out of its folder", _linked_out_of_the_finetune, code=3),
+    Case("links and files", "a shipped file linking out of the delta", _shipped(_link_to_secret), code=3),
+    Case("links and files", "a shipped file that is a FIFO", _shipped(_fifo), code=3),
     Case(
         "links and files",
         "a shipped file one byte longer than declared",
         _shipped(lambda p, _: p.write_bytes(p.read_bytes() + b" ")),
+        code=3,
     ),
-    Case("sizes", "a manifest over 64 MiB", damaged_frames(_sparse_manifest)),
+    Case("sizes", "a manifest over 64 MiB", damaged_frames(_sparse_manifest), code=3),
     Case(
         "sizes",
         "a manifest of 8 million empty lists (48 MB)",
         edited_manifest(lambda m: m.update(padding=[[] for _ in range(MAX_MANIFEST_VALUES)])),
+        code=3,
     ),
-    Case("sizes", "a damaged decode state in OUT", _damaged_state),
-    Case("sizes", "a 1.5 KB `.bin` whose stride-0 view claims 40000 x 40000", _stride0_bin),
-    Case("sizes", "Meta `params.json` with `n_layers: 100000000`", _meta_layers),
-    Case("sizes", "a 100 KB gzip payload expanding to 100 MB (decode-legacy)", _gzip_bomb),
-    Case("sizes", "a header edited to the same length", edited_manifest(_edit_header_same_length)),
-    Case("output", "OUT inside the delta", _out_inside_delta),
-    Case("output", "a link planted in OUT", _link_in_out),
-    Case("output", "encode into a folder of other files", _foreign_folder),
-    Case("output", "checksum -o inside the checkpoint", _checksum_into_input),
+    Case("sizes", "a damaged decode state in OUT", _damaged_state, code=5),
+    Case("sizes", "a 1.5 KB `.bin` whose stride-0 view claims 40000 x 40000", _stride0_bin, code=3),
+    Case("sizes", "Meta `params.json` with `n_layers: 100000000`", _meta_layers, code=3),
+    Case("sizes", "a 100 KB gzip payload expanding to 100 MB (decode-legacy)", _gzip_bomb, code=3),
+    Case("sizes", "a header edited to the same length", edited_manifest(_edit_header_same_length), code=3),
+    Case("output", "OUT inside the delta", _out_inside_delta, code=5),
+    Case("output", "a link planted in OUT", _link_in_out, code=5),
+    Case("output", "encode into a folder of other files", _foreign_folder, code=5),
+    Case("output", "checksum -o inside the checkpoint", _checksum_into_input, code=5),
 ]
 
 
@@ -440,7 +459,7 @@ def lock_contention(root: Path) -> dict[str, int]:
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == 5, r.output
     assert f"{out}: another xorweights (pid {holder.pid} on " in r.stderr
     assert "wait for it to finish, or use another output folder" in r.stderr
     refused = not (out / "model-00001-of-00002.safetensors").exists()
@@ -522,10 +541,12 @@ and checks again once OUT exists.
 
 ## Bad input
 
-Every bad input below exits with code 1, prints one line naming the file or
-tensor, what was expected and what was found, with a hint, and writes nothing
-that looks complete: no rebuilt weight file, no delta manifest. `…` stands for
-the test's temporary folder, `<xxh3>` and `<sha256>` for checksums.
+Every bad input below exits with the code of its class of failure (the
+`exit` column; the codes are listed in [decoding.md](decoding.md#exit-codes)),
+prints one line naming the file or tensor, what was expected and what was
+found, with a hint, and writes nothing that looks complete: no rebuilt weight
+file, no delta manifest. `…` stands for the test's temporary folder, `<xxh3>`
+and `<sha256>` for checksums.
 
 More cases are tested than listed here: `tests/test_errors.py`,
 `tests/test_hostile.py` (each safetensors damage also as decode's base, links
@@ -570,8 +591,8 @@ def render(rows: list[tuple[Case, str, str]], faults: list[tuple[str, dict[str, 
     for case, command, message in rows:
         if case.section != section:
             section = case.section
-            out.append(f"\n### {section.capitalize()}\n\n| input | command | error |\n|---|---|---|")
-        out.append(f"| {case.what} | {command} | {message} |")
+            out.append(f"\n### {section.capitalize()}\n\n| input | command | exit | error |\n|---|---|---:|---|")
+        out.append(f"| {case.what} | {command} | {case.code} | {message} |")
     out.append("\n## Faults\n\n| fault | runs | recovered | lost |\n|---|---:|---:|---:|")
     for what, stats in faults:
         out.append(f"| {what} | {stats['runs']} | {stats['recovered']} | {stats['lost']} |")

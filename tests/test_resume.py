@@ -79,7 +79,7 @@ def test_decode_refuses_to_overwrite_a_foreign_file_in_out(pair, tmp_path):
     out.mkdir()
     (out / "model-00001-of-00002.safetensors").write_bytes(b"someone else's file")
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert r.exit_code == 1
+    assert r.exit_code == 5
     assert "model-00001-of-00002.safetensors: already exists and is not the file this delta rebuilds" in r.stderr
     assert (out / "model-00001-of-00002.safetensors").read_bytes() == b"someone else's file"
 
@@ -100,7 +100,7 @@ def test_decode_into_out_of_another_dtype_is_refused(pair, tmp_path):
     xorweights.encode(pair.finetuned, pair.base, delta)
     xorweights.decode(delta, pair.base, out)
     r = run("decode", delta, "--base", pair.base, "-o", out, "--dtype", "bfloat16")
-    assert r.exit_code == 1
+    assert r.exit_code == 5
     assert "holds files decoded from another delta or with another --dtype" in r.stderr
 
 
@@ -137,7 +137,7 @@ def test_encode_into_a_finished_delta_is_refused(pair, tmp_path):
     delta = tmp_path / "delta"
     xorweights.encode(pair.finetuned, pair.base, delta)
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", delta)
-    assert r.exit_code == 1
+    assert r.exit_code == 5
     assert "already holds a finished delta" in r.stderr
 
 
@@ -147,6 +147,6 @@ def test_decode_refuses_a_foreign_side_file_in_out(pair, tmp_path):
     out.mkdir()
     (out / "config.json").write_text('{"mine": true}')
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert r.exit_code == 1
+    assert r.exit_code == 5
     assert "config.json: already exists and is not the file this delta rebuilds" in r.stderr
     assert (out / "config.json").read_text() == '{"mine": true}'

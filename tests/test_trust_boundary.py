@@ -72,7 +72,7 @@ def test_encode_never_publishes_a_file_linked_from_outside_the_fine_tune(
     (pair.finetuned / "notes.txt").symlink_to(secret)
     out = tmp_path / "delta"
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", out)
-    assert_error(r, 1, f"{pair.finetuned / 'notes.txt'}: a symbolic link to {secret}", "outside", hint="link")
+    assert_error(r, 3, f"{pair.finetuned / 'notes.txt'}: a symbolic link to {secret}", "outside", hint="link")
     assert not (out / MANIFEST).exists()
     assert not out.exists() or nothing_of(SECRET, out)
 
@@ -97,7 +97,7 @@ def test_a_link_out_of_the_base_is_refused(pair: Pair, tmp_path: Path, secret: P
         link = pair.base / "extra"
         link.symlink_to(secret.parent)
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", tmp_path / "delta")
-    assert_error(r, 1, f"{link}: a symbolic link to {secret if target == 'a file' else secret.parent}", hint="link")
+    assert_error(r, 3, f"{link}: a symbolic link to {secret if target == 'a file' else secret.parent}", hint="link")
     assert not (tmp_path / "delta" / MANIFEST).exists()
 
 
@@ -107,7 +107,7 @@ def test_a_weight_shard_linked_from_outside_the_base_is_refused(pair: Pair, delt
     shutil.move(pair.base / SHARD1, outside / SHARD1)
     (pair.base / SHARD1).symlink_to(outside / SHARD1)
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{pair.base / SHARD1}: a symbolic link to {outside / SHARD1}", hint="link")
+    assert_error(r, 3, f"{pair.base / SHARD1}: a symbolic link to {outside / SHARD1}", hint="link")
     assert weight_files(tmp_path / "out") == []
 
 
@@ -119,7 +119,7 @@ def test_decode_never_copies_a_shipped_file_that_links_out_of_the_delta(
     shipped.symlink_to(secret)
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    line = assert_error(r, 1, f"{shipped}: a symbolic link to {secret}", hint="link")
+    line = assert_error(r, 3, f"{shipped}: a symbolic link to {secret}", hint="link")
     assert sha(SECRET) not in line
     assert not (out / "added_tokens.json").exists()
     assert not out.exists() or nothing_of(SECRET, out)
@@ -130,7 +130,7 @@ def test_a_link_to_a_proc_file_is_refused_before_it_is_read(pair: Pair, delta: P
     shipped.unlink()
     shipped.symlink_to("/proc/self/environ")
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{shipped}: a symbolic link to /proc/", hint="link")
+    assert_error(r, 3, f"{shipped}: a symbolic link to /proc/", hint="link")
 
 
 def hf_snapshot(cache: Path, repo: str, source: Path) -> Path:
@@ -168,7 +168,7 @@ def test_a_snapshot_link_into_another_repos_blobs_is_refused(pair: Pair, tmp_pat
     (base / "config.json").unlink()
     (base / "config.json").symlink_to(os.path.relpath((other / "config.json").resolve(), base))
     r = run("encode", pair.finetuned, "--base", base, "-o", tmp_path / "delta")
-    assert_error(r, 1, f"{base / 'config.json'}: a symbolic link to", "models--org--other", hint="link")
+    assert_error(r, 3, f"{base / 'config.json'}: a symbolic link to", "models--org--other", hint="link")
 
 
 # ---------------------------------------------------------------- non-regular files, lying sizes
@@ -181,13 +181,13 @@ def test_a_fifo_in_the_delta_is_refused_without_blocking(pair: Pair, delta: Path
     start = time.monotonic()
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
     assert time.monotonic() - start < 30
-    assert_error(r, 1, f"{shipped}: is a FIFO; xorweights reads only regular files", hint="regular")
+    assert_error(r, 3, f"{shipped}: is a FIFO; xorweights reads only regular files", hint="regular")
 
 
 def test_a_fifo_in_the_fine_tune_is_refused(pair: Pair, tmp_path: Path) -> None:
     os.mkfifo(pair.finetuned / "notes.txt")
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", tmp_path / "delta")
-    assert_error(r, 1, f"{pair.finetuned / 'notes.txt'}: is a FIFO", hint="regular")
+    assert_error(r, 3, f"{pair.finetuned / 'notes.txt'}: is a FIFO", hint="regular")
 
 
 @pytest.mark.parametrize("change", [+1, -1])
@@ -198,7 +198,7 @@ def test_a_shipped_file_of_another_size_is_refused_before_copying(
     data = shipped.read_bytes()
     shipped.write_bytes(data + b" " if change > 0 else data[:-1])
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{shipped}: expected {len(data)} bytes, found {len(data) + change}", hint="re-download")
+    assert_error(r, 3, f"{shipped}: expected {len(data)} bytes, found {len(data) + change}", hint="re-download")
     assert not (tmp_path / "out" / "added_tokens.json").exists()
 
 
@@ -230,7 +230,7 @@ def test_an_edited_header_of_the_same_length_is_caught_by_the_whole_file_hash(
     r = run("decode", delta, "--base", pair.base, "-o", out)
     want = read_manifest(delta)["weight_files"][0]["sha256"]
     assert_error(
-        r, 1, f"{out / SHARD1}: rebuilt file's sha256", f"differs from the manifest's {want}", hint="re-download"
+        r, 3, f"{out / SHARD1}: rebuilt file's sha256", f"differs from the manifest's {want}", hint="re-download"
     )
     assert weight_files(out) == []
     assert "byte-identical" not in r.stdout
@@ -243,7 +243,7 @@ def test_a_manifest_over_the_cap_is_refused_before_it_is_read(pair: Pair, delta:
     with (delta / MANIFEST).open("r+b") as f:
         f.truncate(MAX_MANIFEST_BYTES + 1)  # sparse: the refusal must come from fstat, not from reading it
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{delta / MANIFEST}: {MAX_MANIFEST_BYTES + 1} bytes, more than the {MAX_MANIFEST_BYTES}")
+    assert_error(r, 3, f"{delta / MANIFEST}: {MAX_MANIFEST_BYTES + 1} bytes, more than the {MAX_MANIFEST_BYTES}")
 
 
 @pytest.mark.parametrize("indent", [None, 1])
@@ -262,7 +262,7 @@ def test_a_manifest_of_millions_of_tiny_values_is_refused_before_parsing(
     finally:
         tracemalloc.stop()
     assert_error(
-        r, 1, f"{delta / MANIFEST}: about", f"JSON values, more than the {MAX_MANIFEST_VALUES}", hint="hostile"
+        r, 3, f"{delta / MANIFEST}: about", f"JSON values, more than the {MAX_MANIFEST_VALUES}", hint="hostile"
     )
     assert peak < 256 << 20, f"refusing took {peak} bytes"
 
@@ -272,7 +272,7 @@ def test_an_index_over_the_cap_is_refused(pair: Pair, delta: Path, tmp_path: Pat
     with index.open("r+b") as f:
         f.truncate(MAX_MANIFEST_BYTES + 1)
     r = run("decode", delta, "--base", pair.base, "-o", tmp_path / "out")
-    assert_error(r, 1, f"{index}: {MAX_MANIFEST_BYTES + 1} bytes, more than the")
+    assert_error(r, 3, f"{index}: {MAX_MANIFEST_BYTES + 1} bytes, more than the")
 
 
 def test_a_checksum_manifest_over_the_cap_is_refused(pair: Pair, tmp_path: Path) -> None:
@@ -280,7 +280,7 @@ def test_a_checksum_manifest_over_the_cap_is_refused(pair: Pair, tmp_path: Path)
     sums.write_bytes(b"{}")
     os.truncate(sums, MAX_MANIFEST_BYTES + 1)
     r = run("verify", pair.finetuned, "--manifest", sums)
-    assert_error(r, 1, f"{sums}: {MAX_MANIFEST_BYTES + 1} bytes, more than the", hint="re-download")
+    assert_error(r, 3, f"{sums}: {MAX_MANIFEST_BYTES + 1} bytes, more than the", hint="re-download")
 
 
 def test_load_state_dict_refuses_more_than_the_memory_available(
@@ -315,7 +315,7 @@ def test_a_full_disk_promises_a_resume_only_where_there_is_one(pair: Pair, tmp_p
         finally:
             os.close(fd)
         r = run("checksum", pair.finetuned, "-o", disk / "sums.json")
-        line = assert_error(r, 1, f"{disk / 'sums.json'}: the disk is full", hint="free some space")
+        line = assert_error(r, 5, f"{disk / 'sums.json'}: the disk is full", hint="free some space")
         assert "resumes" not in line
         assert [p.name for p in disk.iterdir()] == ["filler"]
     finally:
@@ -393,7 +393,7 @@ def test_a_subfolder_swapped_for_a_link_is_not_followed(pair: Pair, tmp_path: Pa
     out.mkdir()
     (out / "tokenizer").symlink_to(secret.parent)
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, f"{out / 'tokenizer'}: is a symbolic link or a file", hint="new, empty folder")
+    assert_error(r, 5, f"{out / 'tokenizer'}: is a symbolic link or a file", hint="new, empty folder")
     assert sorted(p.name for p in secret.parent.iterdir()) == ["secret.txt"]
 
 
@@ -445,7 +445,7 @@ def test_a_damaged_decode_state_is_a_typed_error(
     lines = state.read_bytes().splitlines(keepends=True)
     state.write_bytes((damage + b"".join(lines[1:])) if damage.startswith(b'{"delta"') else b"".join(lines) + damage)
     r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 1, f"{state}: damaged at line", hint=f"delete {state}")
+    assert_error(r, 5, f"{state}: damaged at line", hint=f"delete {state}")
 
 
 def test_a_torn_last_line_of_the_state_is_dropped_and_the_decode_resumes(
@@ -514,7 +514,7 @@ def test_every_command_refuses_an_output_overlapping_an_input(pair: Pair, delta:
     before = {p: tree_digest(p) for p in (pair.finetuned, pair.base, delta)}
     for args, said in overlap_cases(pair, delta, tmp_path):
         r = run(*args)
-        assert_error(r, 1, said, hint="xorweights never writes into its inputs" if "contains" not in said else "new")
+        assert_error(r, 5, said, hint="xorweights never writes into its inputs" if "contains" not in said else "new")
     assert {p: tree_digest(p) for p in before} == before
 
 
@@ -523,7 +523,7 @@ def test_an_output_reached_through_a_link_into_an_input_is_refused(pair: Pair, d
     alias.symlink_to(pair.base)
     before = tree_digest(pair.base)
     r = run("decode", delta, "--base", pair.base, "-o", alias / "out")
-    assert_error(r, 1, "lies inside the base", hint="outside every input")
+    assert_error(r, 5, "lies inside the base", hint="outside every input")
     assert tree_digest(pair.base) == before
 
 
@@ -535,7 +535,7 @@ def test_encode_refuses_a_folder_of_someone_elses_files(pair: Pair, tmp_path: Pa
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", out)
-    assert_error(r, 1, f"{out}: holds thesis.tex, which is not part of an xorweights delta in progress", hint="new")
+    assert_error(r, 5, f"{out}: holds thesis.tex, which is not part of an xorweights delta in progress", hint="new")
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
 
 
@@ -549,7 +549,7 @@ def test_migrate_refuses_a_link_planted_at_its_scratch_folder(tmp_path: Path, se
     delta = tmp_path / "delta"
     (tmp_path / ".delta.legacy-decoded").symlink_to(secret.parent)
     r = run("migrate", rel.payload, "-o", delta, *rel.options())
-    assert_error(r, 1, "scratch folder already exists and was not made by xorweights", hint="remove it")
+    assert_error(r, 5, "scratch folder already exists and was not made by xorweights", hint="remove it")
     assert sorted(p.name for p in secret.parent.iterdir()) == ["secret.txt"]
 
 
@@ -575,5 +575,5 @@ def test_decode_legacy_refuses_a_link_out_of_its_folders(tmp_path: Path, secret:
     link.symlink_to(secret)
     out = tmp_path / "out"
     r = run("decode-legacy", rel.payload, "-o", out, *rel.options(), "--no-check")
-    assert_error(r, 1, f"{link}: a symbolic link to {secret}", hint="link")
+    assert_error(r, 3, f"{link}: a symbolic link to {secret}", hint="link")
     assert not out.exists() or nothing_of(SECRET, out)

@@ -24,7 +24,7 @@ from .dtypes import NAMED
 from .encode import EncodeResult
 from .encode import encode as encode_api
 from .entry import INTERRUPTED, INTERRUPTED_EXIT, ignore_interrupts, interruptible, was_interrupted
-from .errors import XorWeightsError, XorWeightsWarning
+from .errors import EXIT_INTERNAL, EXIT_OS, EXIT_VERIFY_FAILED, XorWeightsError, XorWeightsWarning
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, enforce, report_lines
 from .kernel import DEFAULT_FRAME_BYTES
 from .printable import printable
@@ -104,9 +104,18 @@ def translate_errors(fn: F) -> F:
                 if not isinstance(exc, XorWeightsError | OSError):
                     raise
                 traceback.print_exc()
-            _fail(_error_line(exc), exc.exit_code if isinstance(exc, XorWeightsError) else 1)
+            _fail(_error_line(exc), _exit_code(exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _exit_code(exc: Exception) -> int:
+    """The code the CLI exits with for ``exc``: its class's (errors.py), that of an OS error, or that of a bug."""
+    if isinstance(exc, XorWeightsError):
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        return EXIT_OS
+    return EXIT_INTERNAL
 
 
 def _error_line(exc: Exception) -> str:
@@ -138,10 +147,20 @@ jobs_option = click.option(
 )
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})  # inherited by every command
 @click.version_option(__version__, prog_name="xorweights")
 def main() -> None:
-    """Publish and rebuild fine-tunes as per-tensor XOR deltas."""
+    """Publish and rebuild fine-tunes as per-tensor XOR deltas.
+
+    Each class of failure has its own exit code, listed in docs/decoding.md
+    ("Exit codes"): 1 is a failed verification or the wrong base.
+
+    Examples:
+
+    \b
+      xorweights decode org/my-delta --base huggyllama/llama-7b -o my-finetune
+      xorweights encode -h
+    """
 
 
 @main.command()
@@ -205,6 +224,12 @@ def encode(
     example against the wrong base), unless --allow-unprotected is given.
     Run it with --dry-run before every release. FINETUNED and --base may be
     Hub repos, org/name[@revision]; a Hub base's repo and commit are recorded.
+
+    Examples:
+
+    \b
+      xorweights encode finetuned --base base -o my-delta --dry-run
+      xorweights encode finetuned --base org/base -o my-delta --push-to-hub org/my-delta
     """
     if private and not push_to_hub:
         raise click.UsageError("--private applies to --push-to-hub REPO; pass both")
@@ -273,6 +298,12 @@ def push(delta: Path, repo_id: str, private: bool) -> None:
     The card (DELTA/README.md) names the base, the decode command, the
     expected checksums and the unprotected bytes; a README.md already in
     DELTA is kept. The token comes from HF_TOKEN or `hf auth login`.
+
+    Examples:
+
+    \b
+      xorweights push my-delta org/my-delta
+      xorweights push my-delta org/my-delta --private
     """
     _push(delta, repo_id, private)
 
@@ -322,7 +353,14 @@ def decode(
     DELTA and --base are folders or Hub repos, org/name[@revision], fetched into
     the Hugging Face cache (HF_HUB_OFFLINE, HF_HUB_CACHE, HF_TOKEN and HF_ENDPOINT
     apply). A --base naming the repo the delta records, without @revision, is
-    fetched at the recorded revision.
+    fetched at the recorded revision. With --check-base, exits 1 when the base
+    differs, after listing every difference.
+
+    Examples:
+
+    \b
+      xorweights decode org/my-delta --base huggyllama/llama-7b -o my-finetune
+      xorweights decode my-delta --base base --check-base
     """
     if check_base:
         problems = check_base_api(delta, base, progress=not quiet)
@@ -332,7 +370,7 @@ def decode(
             _fail(
                 f"{base}: {len(problems)} difference(s) from the base this delta needs, listed above "
                 "(hint: get the base named by `xorweights inspect DELTA`)",
-                1,
+                EXIT_VERIFY_FAILED,
             )
         _say(f"{base} is the base this delta needs: every tensor and referenced file matches")
         return
@@ -341,6 +379,7 @@ def decode(
     result = decode_api(delta, base, out, dtype=dtype, progress=not quiet, jobs=jobs)
     if not quiet:
         how = f"converted to {dtype}" if dtype else "byte-identical to the release"
+        how += f"; config.json's dtype set to {result.config_dtype}" if result.config_dtype else ""
         if result.written:
             done = f"{len(result.written)} files written, {len(result.skipped)} already done"
             _say(f"rebuilt {out}: {done}; every tensor verified, {how}")
@@ -354,7 +393,13 @@ def decode(
 @quiet_option
 @translate_errors
 def checksum(path: Path, out: Path, quiet: bool) -> None:
-    """Write per-tensor xxh3-128 and per-file sha256 of the checkpoint at PATH."""
+    """Write per-tensor xxh3-128 and per-file sha256 of the checkpoint at PATH.
+
+    Examples:
+
+    \b
+      xorweights checksum out -o checksums/my-model.json
+    """
     sums = checksum_api(path, out, progress=not quiet)
     if not quiet:
         _say(f"wrote {out}: {len(sums.tensors)} tensors, {len(sums.files)} files")
@@ -368,12 +413,28 @@ def checksum(path: Path, out: Path, quiet: bool) -> None:
     type=click.Path(path_type=Path),
     help="A delta (folder or org/name[@revision]) whose target or base side to check against.",
 )
-@click.option("--side", type=click.Choice(["target", "base"]), default="target", show_default=True)
+@click.option(
+    "--side",
+    type=click.Choice(["target", "base"]),
+    default="target",
+    show_default=True,
+    help="With --delta: check PATH as the fine-tune the delta rebuilds (target) or as the base it needs.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @quiet_option
 @translate_errors
 def verify(path: Path, manifest: Path | None, delta: Path | None, side: str, as_json: bool, quiet: bool) -> None:
-    """Check the checkpoint at PATH; exit 0 when it matches, 1 when not."""
+    """Check the checkpoint at PATH; exit 0 when it matches, 1 when not.
+
+    Without --manifest or --delta, PATH's own xorweights-checksums.json (written
+    by decode --dtype) is used.
+
+    Examples:
+
+    \b
+      xorweights verify out --manifest checksums/my-model.json --json
+      xorweights verify out --delta my-delta
+    """
     report = verify_api(path, manifest=manifest, delta=delta, side=side, progress=not quiet and not as_json)
     if as_json:
         _say_json(report.to_dict())
@@ -384,8 +445,11 @@ def verify(path: Path, manifest: Path | None, delta: Path | None, side: str, as_
             _say(f"{path}: OK, {report.checked_tensors} tensors and {report.checked_files} files match")
     if not report.ok:
         if not as_json:
-            _fail(f"{path}: {len(report.problems)} mismatches (hint: re-run decode into a fresh folder)", 1)
-        sys.exit(1)
+            _fail(
+                f"{path}: {len(report.problems)} mismatches (hint: re-run decode into a fresh folder)",
+                EXIT_VERIFY_FAILED,
+            )
+        sys.exit(EXIT_VERIFY_FAILED)
 
 
 @main.command()
@@ -393,7 +457,14 @@ def verify(path: Path, manifest: Path | None, delta: Path | None, side: str, as_
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @translate_errors
 def inspect(delta: Path, as_json: bool) -> None:
-    """Show which base DELTA needs, its sizes, unprotected bytes and format version."""
+    """Show which base DELTA needs, its sizes, unprotected bytes and format version.
+
+    Examples:
+
+    \b
+      xorweights inspect my-delta
+      xorweights inspect org/my-delta --json
+    """
     s = inspect_api(delta)
     if as_json:
         _say_json(s.to_dict())
@@ -421,7 +492,14 @@ def _echo_summary(s: DeltaSummary) -> None:
 @click.option("--keep", type=click.Path(path_type=Path), default=None, help="Build in this folder and keep it.")
 @translate_errors
 def demo(keep: Path | None) -> None:
-    """Build a tiny LLaMA-shaped base and fine-tune, then encode, decode and verify them."""
+    """Build a tiny LLaMA-shaped base and fine-tune, then encode, decode and verify them.
+
+    Examples:
+
+    \b
+      xorweights demo
+      xorweights demo --keep /tmp/xorweights-demo
+    """
     from .demo import run_demo
 
     run_demo(keep, _say)
@@ -478,6 +556,11 @@ def decode_legacy(
     The base files are checked against the release's published md5 list
     before anything is written, and every decoded file against the output
     list before it gets its final name. A second run resumes.
+
+    Examples:
+
+    \b
+      xorweights decode-legacy oasst-sft-6-llama-30b-xor/ --base llama30b_hf/ -o oasst-sft-6-llama-30b/
     """
     from .legacy import decode_legacy as decode_legacy_api
 
@@ -516,6 +599,11 @@ def migrate(
 
     Anyone who holds the exact base files can run this once; downloaders of
     the new delta then need only the same tensors, not the same file bytes.
+
+    Examples:
+
+    \b
+      xorweights migrate oasst-sft-6-llama-30b-xor/ --base llama30b_hf/ -o oasst-sft-6-llama-30b-delta/
     """
     from .legacy import migrate as migrate_api
 

@@ -12,12 +12,14 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from .base_stream import _EMPTY, BaseStream
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
 from .decode_state import DecodeState, Finished
-from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, cast_bytes
+from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, TORCH_NAMES, cast_bytes
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
 from .hub import resolve_delta_and_base
 from .inputs import InputFolder
@@ -34,6 +36,7 @@ from .locks import FolderLock
 from .manifest import (
     CHECKSUMS_NAME,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     SHIPPED_DIR,
     BaseTensor,
     Checksums,
@@ -43,6 +46,7 @@ from .manifest import (
     TensorEntry,
     TensorSum,
     WeightFile,
+    load_json,
 )
 from .outdir import OutputDir, start_writeback
 from .overlap import refuse_overlap
@@ -55,6 +59,9 @@ LOSSY_BF16_HINT = (
     "your base was saved as bf16, which loses precision against the fp16 weights this delta was made from; "
     "use Meta's original files or an fp16 conversion"
 )
+CONFIG_NAME = "config.json"
+# The key transformers reads the model's dtype from: `torch_dtype` up to 4.x, `dtype` from 5.0 on.
+CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class DecodeResult:
     written: list[str]
     skipped: list[str]
     dtype: str | None
+    config_dtype: str | None = None  # the dtype --dtype wrote into config.json, when it changed it
 
 
 # ---------------------------------------------------------------- plan
@@ -349,10 +357,12 @@ class _Rebuilder:
         return FileSum(size, digest), sums
 
 
-def _restore(folder: InputFolder, src: Path, out: OutputDir, of: OtherFile, *, from_base: bool) -> None:
-    """Copy a non-tensor file into OUT, refusing it unless its size and sha256 are the releaser's.
+def _open_other(
+    folder: InputFolder, src: Path, of: OtherFile, *, from_base: bool
+) -> tuple[BinaryIO, Callable[[str], None]]:
+    """Open a non-tensor file of the base or the delta, with the check its sha256 must pass once read.
 
-    The size is compared before a byte is copied; a file of the delta that is
+    The size is compared before a byte is read; a file of the delta that is
     not what the manifest declares is never read, so its hash is never printed.
     """
     if from_base:
@@ -379,6 +389,12 @@ def _restore(folder: InputFolder, src: Path, out: OutputDir, of: OtherFile, *, f
             )
         raise DeltaCorruptError(f"{src}: sha256 differs from the manifest's {of.sha256}")
 
+    return f, check
+
+
+def _restore(folder: InputFolder, src: Path, out: OutputDir, of: OtherFile, *, from_base: bool) -> None:
+    """Copy a non-tensor file into OUT, refusing it unless its size and sha256 are the releaser's."""
+    f, check = _open_other(folder, src, of, from_base=from_base)
     with f:
         out.copy_in(of.name, f, of.size, src, check)
 
@@ -442,12 +458,24 @@ def _rebuild_all(
     bar: tqdm,
 ) -> DecodeResult:
     out, target_dtype, delta_in = od.path, rebuilder.dtype, rebuilder.delta
+    # With --dtype, the index and config.json's dtype are rewritten: their originals are checked before any work.
+    originals = {
+        of.name: _read_json_other(of, delta, delta_in, bs)
+        for of in manifest.other_files
+        if target_dtype and of.name in (SAFETENSORS_INDEX, CONFIG_NAME)
+    }
+    config = _converted_config(originals.get(CONFIG_NAME), TORCH_NAMES[target_dtype]) if target_dtype else None
+    rewritten = {CONFIG_NAME: config} if config is not None else {}
     done = {job.file.name: _finished(od, job.file, state, target_dtype) for job in files}
     pending = [job for job in files if done[job.file.name] is None]
-    others = [of for of in manifest.other_files if not (target_dtype and of.name == SAFETENSORS_INDEX)]
+    others = [
+        of
+        for of in manifest.other_files
+        if not (target_dtype and of.name == SAFETENSORS_INDEX) and of.name not in rewritten
+    ]
     present = {of.name for of in others if _already_there(od, of)}  # refuses foreign files up front
     need = sum(rebuilder.output_size(job.file) for job in pending)
-    need += sum(of.size for of in others if of.name not in present)
+    need += sum(of.size for of in others if of.name not in present) + sum(map(len, rewritten.values()))
     _check_free_space(out, need)
     written, skipped = [], []
     checksums = Checksums()
@@ -484,12 +512,14 @@ def _rebuild_all(
             written.append(of.name)
         checksums.files[of.name] = FileSum(of.size, of.sha256)
     if target_dtype is not None:
-        index = _converted_index(files, checksums)
-        checksums.files[SAFETENSORS_INDEX] = FileSum(len(index), hashlib.sha256(index).hexdigest())
-        for name, data in ((SAFETENSORS_INDEX, index), (CHECKSUMS_NAME, checksums.to_json().encode())):
+        rewritten[SAFETENSORS_INDEX] = _converted_index(files, checksums, originals.get(SAFETENSORS_INDEX))
+        for name, data in rewritten.items():
+            checksums.files[name] = FileSum(len(data), hashlib.sha256(data).hexdigest())
+        for name, data in (*rewritten.items(), (CHECKSUMS_NAME, checksums.to_json().encode())):
             (written if od.write_bytes(name, data) else skipped).append(name)
     od.sweep([job.file.name for job in files] + [of.name for of in manifest.other_files] + [CHECKSUMS_NAME])
-    return DecodeResult(out, written, skipped, target_dtype)
+    config_dtype = TORCH_NAMES[target_dtype] if target_dtype and config is not None else None
+    return DecodeResult(out, written, skipped, target_dtype, config_dtype)
 
 
 def _finished(od: OutputDir, wf: WeightFile, state: DecodeState, dtype: str | None) -> Finished | None:
@@ -544,14 +574,100 @@ def _foreign_file(final: Path) -> OutputError:
     )
 
 
-def _converted_index(files: list[FileJob], checksums: Checksums) -> bytes:
+# ---------------------------------------------------------------- the JSON files --dtype rewrites
+
+
+@dataclass(frozen=True)
+class _JsonFile:
+    """A release's JSON file as checked and parsed, and its text, whose layout a rewrite keeps."""
+
+    obj: dict[str, Any]
+    text: str
+
+
+def _read_json_other(of: OtherFile, delta: Path, delta_in: InputFolder, bs: Checkpoint) -> _JsonFile | None:
+    """A non-tensor JSON file of the release, read from the delta or the base and checked against its sha256.
+
+    None when it is no JSON object, or too big to parse: it is then copied
+    as it is (config.json) or written anew (the index), never half-rewritten.
+    """
+    if of.size > MAX_MANIFEST_BYTES:
+        return None
+    if of.mode == "reference":
+        f, check = _open_other(bs.input, bs.root / of.name, of, from_base=True)
+    else:
+        f, check = _open_other(delta_in, delta / SHIPPED_DIR / of.name, of, from_base=False)
+    with f:
+        data = f.read(of.size + 1)
+    check(hashlib.sha256(data).hexdigest())  # also refuses a file that grew or shrank since it was opened
+    try:
+        text = data.decode("utf-8")
+        obj = load_json(text, of.name)
+    except (ValueError, RecursionError, ManifestError):
+        return None
+    return _JsonFile(obj, text) if isinstance(obj, dict) else None
+
+
+def dump_json_like(obj: Any, original: str) -> bytes:
+    """``obj`` as JSON laid out like ``original``: its indentation, separators, trailing newline and escaping.
+
+    Keys stay in their order, so a file written by transformers
+    (``json.dumps(indent=2, sort_keys=True)``) comes back byte for byte when nothing changed.
+    """
+    indent = re.search(r"\n([ \t]+)\S", original)
+    separators = (",", ":") if indent is None and '": ' not in original else None
+    text = json.dumps(
+        obj,
+        indent=indent.group(1) if indent else None,
+        separators=separators,
+        ensure_ascii=original.isascii(),
+    )
+    return (text + "\n" * original.endswith("\n")).encode()
+
+
+def _with_dtype(config: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """``config`` with every dtype key that names a float dtype naming ``dtype`` instead."""
+    floats = ("float16", "bfloat16", "float32")
+    return {k: dtype if k in CONFIG_DTYPE_KEYS and v in floats else v for k, v in config.items()}
+
+
+def _converted_config(original: _JsonFile | None, dtype: str) -> bytes | None:
+    """config.json naming ``dtype`` (a torch name) wherever it named another float dtype; None if unchanged.
+
+    Sub-configs (``text_config``, ``vision_config``) carry a dtype of their own:
+    --dtype converted their weights too. Every other key and their order are kept.
+    """
+    if original is None:
+        return None
+    config = {k: _with_dtype(v, dtype) if isinstance(v, dict) else v for k, v in original.obj.items()}
+    config = _with_dtype(config, dtype)
+    return dump_json_like(config, original.text) if config != original.obj else None
+
+
+def _converted_index(files: list[FileJob], checksums: Checksums, original: _JsonFile | None) -> bytes:
+    """The index of the converted files: the release's own, with only ``total_size`` and ``weight_map`` new.
+
+    Without an index in the release (or one that is no JSON object), a plain one is written.
+    """
     weight_map = {t.entry.name: job.file.name for job in files for t in job.tensors}
     total = sum(
         ITEMSIZE[checksums.tensors[name].dtype] * int(np.prod(checksums.tensors[name].shape, dtype=np.int64))
         for name in weight_map
     )
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    return (json.dumps(index, indent=2) + "\n").encode()
+    if original is None:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        return (json.dumps(index, indent=2) + "\n").encode()
+    index = dict(original.obj)
+    metadata = index.get("metadata")
+    metadata = {**metadata, "total_size": total} if isinstance(metadata, dict) else {"total_size": total}
+    old_map = index.get("weight_map")
+    order = {name: k for k, name in enumerate(old_map)} if isinstance(old_map, dict) else {}
+    # The release's order, then any name it did not list, sorted.
+    names = sorted(weight_map, key=lambda name: (order.get(name, len(order)), name))
+    if "metadata" not in index:
+        index = {"metadata": metadata, **index}  # where transformers puts it; an existing one keeps its place
+    index["metadata"], index["weight_map"] = metadata, {name: weight_map[name] for name in names}
+    return dump_json_like(index, original.text)
 
 
 def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> list[str]:

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import numpy as np
 
-# Byte width of every safetensors dtype we accept.
+# Byte width of every safetensors dtype xorweights handles: every dtype that
+# safetensors (0.8) writes whose elements are whole bytes. Their tensors are
+# XORed, framed and hashed byte for byte, whatever the bytes mean.
 ITEMSIZE: dict[str, int] = {
     "BOOL": 1,
     "U8": 1,
     "I8": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
     "I16": 2,
     "U16": 2,
     "F16": 2,
@@ -32,7 +37,52 @@ ITEMSIZE: dict[str, int] = {
     "I64": 8,
     "U64": 8,
     "F64": 8,
+    "C64": 8,
 }
+
+# Bits per element of the safetensors dtypes that pack elements into shared
+# bytes. They are refused as unsupported (never as a damaged file), even when a
+# tensor's total happens to be whole bytes: the delta format counts, frames and
+# reports unprotected rows in whole elements, and an element boundary inside a
+# byte would break each of those promises.
+SUBBYTE_BITS: dict[str, int] = {
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+
+# safetensors dtype -> the torch dtype attribute, as safetensors.torch maps them:
+# how a .bin's tensors are named, and what load_state_dict hands out.
+TORCH_NAMES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
+    "C64": "complex64",
+}
+
+
+def unsupported(dtype: str) -> str | None:
+    """Why xorweights cannot handle the safetensors dtype ``dtype``, or None if it can (or does not know it)."""
+    bits = SUBBYTE_BITS.get(dtype)
+    if bits is None:
+        return None
+    return f"dtype {dtype} is unsupported: its {bits}-bit elements are packed into shared bytes"
+
 
 FLOAT_CASTABLE = frozenset({"F16", "BF16", "F32"})
 

@@ -149,6 +149,13 @@ def main() -> NoReturn:
             commands.main()  # click's standalone mode: always ends in SystemExit
         except SystemExit as exc:
             code = exc.code
+        except Exception:  # a bug, re-raised by the CLI for its traceback with XORWEIGHTS_DEBUG=1
+            import traceback
+
+            from .errors import EXIT_INTERNAL
+
+            traceback.print_exc()
+            code = EXIT_INTERNAL
         finally:
             # Once the command is over, a Ctrl-C has nothing left to stop, and
             # one arriving while the interpreter shuts down would print

@@ -19,35 +19,17 @@ import numpy as np
 from .base_stream import BaseStream
 from .checkpoint import Checkpoint
 from .decode import TensorJob, check_tensor, named_dtype, open_delta_file, plan_decode
-from .dtypes import FLOAT_CASTABLE, ITEMSIZE, cast_bytes
+from .dtypes import FLOAT_CASTABLE, ITEMSIZE, TORCH_NAMES, cast_bytes
 from .errors import NotEnoughMemoryError
 from .hub import resolve_delta_and_base
 from .inputs import InputFolder
 from .kernel import FrameCodec, new_tensor_hash
 from .manifest import Manifest, TensorEntry
 from .sizes import human_bytes
+from .torch_import import require_torch
 
 if TYPE_CHECKING:
     import torch
-
-# safetensors dtype -> torch attribute, as safetensors.torch maps them.
-_TORCH_DTYPES = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "I16": "int16",
-    "U16": "uint16",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I32": "int32",
-    "U32": "uint32",
-    "F32": "float32",
-    "I64": "int64",
-    "U64": "uint64",
-    "F64": "float64",
-}
 
 
 def _resolve(delta: str | Path, base: str | Path) -> tuple[Path, Path, Manifest]:
@@ -68,6 +50,7 @@ def iter_state_dict(
     Tensors are built as they are asked for, so a caller that drops each
     one holds about one tensor and one frame at a time.
     """
+    require_torch("iter_state_dict")  # before any download or planning
     tensors = _rebuild(*_resolve(delta, base), named_dtype(dtype))
     next(tensors)  # plan now, so a base that does not fit is refused by this call
     return tensors
@@ -104,6 +87,7 @@ def load_state_dict(delta: str | Path, base: str | Path, dtype: str | None = Non
     with the memory available before any tensor is built
     (:class:`NotEnoughMemoryError`).
     """
+    require_torch("load_state_dict")  # before any download or planning
     tensors = _rebuild(*_resolve(delta, base), named_dtype(dtype), keep_all=True)
     next(tensors)
     return dict(tensors)
@@ -156,9 +140,8 @@ def _as_torch(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tens
     frombuffer it accepts empty tensors. Viewing uint8 bytes is what lets bf16
     through, which numpy has no dtype for.
     """
-    import torch  # only for loading: the rest of xorweights works on bytes
-
-    return torch.from_numpy(raw).view(getattr(torch, _TORCH_DTYPES[dtype])).reshape(shape)
+    torch = require_torch("load_state_dict and iter_state_dict")  # only for loading: the rest works on bytes
+    return torch.from_numpy(raw).view(getattr(torch, TORCH_NAMES[dtype])).reshape(shape)
 
 
 def _tensor_bytes(tj: TensorJob, fd: int, src: int, codec: FrameCodec, out_dtype: str, where: str) -> np.ndarray:

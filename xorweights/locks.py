@@ -4,13 +4,19 @@ The lock is ``fcntl.flock`` on ``FOLDER/.xorweights/lock``, opened relative to
 the held output folder without following links. The kernel drops it when the
 holder exits, even on kill -9, so a lock left by a dead process is simply
 taken over; the pid written inside only serves the messages.
+
+``fcntl`` exists only on POSIX, so it is imported when a lock is taken, not
+with the module: ``import xorweights`` works everywhere. Where there is no
+``fcntl`` (Windows), ``msvcrt.locking`` holds the file's first byte instead,
+which Windows also releases when the holder dies. (The filelock package
+cannot open its file relative to a held folder, so it is not used.)
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
+import sys
 from pathlib import Path
 from types import TracebackType
 
@@ -18,6 +24,26 @@ from .errors import OutputError
 from .outdir import OutputDir, output_error
 
 LOCK_NAME = "lock"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, which has no dir_fd either
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd`` without waiting; False if another process holds it."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -50,15 +76,13 @@ class FolderLock:
 
     def _take(self) -> FolderLock:
         try:
-            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=self.folder.work_fd)
+            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644, dir_fd=self.folder.work_fd)
         except OSError as exc:
             raise output_error(exc, self.path) from None
         if os.fstat(fd).st_nlink != 1:  # a hard link planted at our name: truncating it would harm its other name
             os.close(fd)
             raise OutputError(f"{self.path}: has other names (hard links); not ours", f"delete {self.path}")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             owner = os.pread(fd, 200, 0).decode(errors="replace").split()
             os.close(fd)
             who = f"pid {owner[0]} on {owner[1]}" if len(owner) >= 2 else "another process"

@@ -30,6 +30,7 @@ import numpy as np
 
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE
 from .errors import CheckpointError
+from .torch_import import require_torch
 from .torch_pickle import TORCH_DTYPES, TorchTensorSource, load_weights
 
 if TYPE_CHECKING:
@@ -320,7 +321,7 @@ def _check_plan(plan: _Plan, params: MetaParams, shards: _Shards) -> tuple[str, 
 
 def _raw(t: torch.Tensor) -> np.ndarray:
     """A tensor's little-endian bytes as a flat, read-only ``uint8`` view (no copy if contiguous)."""
-    import torch
+    torch = require_torch("converting a Meta .pth checkpoint")
 
     out: np.ndarray = t.contiguous().reshape(-1).view(torch.uint8).numpy()
     out.flags.writeable = False
@@ -329,7 +330,7 @@ def _raw(t: torch.Tensor) -> np.ndarray:
 
 def _convert(pieces: list[torch.Tensor], plan: _Plan) -> torch.Tensor:
     """The HF tensor from Meta's pieces: join the shards, then undo the interleaved rotary layout."""
-    import torch
+    torch = require_torch("converting a Meta .pth checkpoint")
 
     t = pieces[0] if plan.join is None or len(pieces) == 1 else torch.cat(pieces, dim=plan.join)
     if plan.heads is not None:

@@ -18,8 +18,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .dtypes import ITEMSIZE
-from .errors import InputFileError
+from .dtypes import ITEMSIZE, unsupported
+from .errors import CheckpointError, InputFileError
 from .inputs import InputFolder
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -81,6 +81,11 @@ def parse_header(header: bytes, data_size: int, where: str) -> tuple[list[Tensor
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {name!r} needs exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if isinstance(dtype, str) and unsupported(dtype):
+            raise CheckpointError(
+                f"{where}: tensor {name!r}: {unsupported(dtype)}",
+                "store this tensor in a dtype of whole bytes (such as U8, F8_E4M3 or BF16), or leave it out",
+            )
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(

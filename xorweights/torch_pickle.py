@@ -2,8 +2,9 @@
 
 ``torch.load(weights_only=True)`` refuses any pickle that needs more than
 tensors and plain containers, and ``mmap=True`` maps the storages from the
-file instead of reading the whole shard into memory. Only this module and
-the Meta reader import torch; the XOR path works on bytes alone.
+file instead of reading the whole shard into memory. Of the checkpoint
+readers only this module and the Meta reader need torch (the ``xorweights[torch]`` extra, imported through
+:func:`~xorweights.torch_import.require_torch`); the XOR path works on bytes alone.
 
 Sizes come from the file, not from its own claims. torch trusts what the
 pickle declares: a zip record may be deflated to any size, a storage may
@@ -30,20 +31,12 @@ from typing import IO, Any
 
 import numpy as np
 
+from .dtypes import TORCH_NAMES
 from .errors import CheckpointError
+from .torch_import import require_torch
 
-TORCH_DTYPES = {
-    "torch.float16": "F16",
-    "torch.bfloat16": "BF16",
-    "torch.float32": "F32",
-    "torch.float64": "F64",
-    "torch.int64": "I64",
-    "torch.int32": "I32",
-    "torch.int16": "I16",
-    "torch.int8": "I8",
-    "torch.uint8": "U8",
-    "torch.bool": "BOOL",
-}
+# str(tensor.dtype) -> safetensors dtype, for every torch dtype xorweights handles.
+TORCH_DTYPES = {f"torch.{name}": dtype for dtype, name in TORCH_NAMES.items()}
 
 _libc = ctypes.CDLL(None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
 
@@ -74,7 +67,7 @@ def load_weights(path: Path, hint: str, allow_unmapped: bool = True) -> tuple[di
     tensor shapes and strides) is checked against the bytes it really holds,
     so no tensor returned claims more memory than the file gives it.
     """
-    import torch
+    torch = require_torch(f"{path}: reading a PyTorch .bin or Meta .pth checkpoint")
 
     try:
         with path.open("rb") as f:
@@ -188,7 +181,7 @@ def _check_storages(
     empty meta-device storages so that nothing is read or allocated. Returns
     why the walk failed, or None.
     """
-    import torch
+    torch = require_torch(f"{path}: reading a PyTorch .bin or Meta .pth checkpoint")
 
     # torch.load's own unpickler, so the walk accepts exactly what it accepts; torch
     # offers no public way to see the storage ids a pickle declares.
@@ -291,8 +284,7 @@ class TorchTensorSource:
 
     def _view(self) -> np.ndarray:
         if self._bytes is None:
-            import torch
-
+            torch = require_torch("reading a PyTorch tensor")
             self._bytes = self._tensor.reshape(-1).view(torch.uint8).numpy()
         return self._bytes
 
