@@ -581,7 +581,8 @@ def test_decode_does_not_write_through_a_linked_subfolder(pair: Pair, tmp_path: 
     out = tmp_path / "out"
     out.mkdir()
     (out / "tokenizer").symlink_to(elsewhere)
-    run("decode", delta, "--base", pair.base, "-o", out, "-q")
+    r = run("decode", delta, "--base", pair.base, "-o", out, "-q")
+    assert_error(r, 5, f"{out / 'tokenizer'}: is a symbolic link or a file", hint="new, empty folder")
     assert sorted(p.name for p in elsewhere.iterdir()) == ["victim.txt"]
 
 

@@ -385,18 +385,6 @@ def test_a_file_that_appears_at_a_final_name_meanwhile_is_left_alone(
     assert partials(out) == []
 
 
-def test_a_subfolder_swapped_for_a_link_is_not_followed(pair: Pair, tmp_path: Path, secret: Path) -> None:
-    (pair.finetuned / "tokenizer").mkdir()
-    (pair.finetuned / "tokenizer" / "vocab.json").write_text('{"a": 1}\n')
-    delta = encode(pair, tmp_path / "delta")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "tokenizer").symlink_to(secret.parent)
-    r = run("decode", delta, "--base", pair.base, "-o", out)
-    assert_error(r, 5, f"{out / 'tokenizer'}: is a symbolic link or a file", hint="new, empty folder")
-    assert sorted(p.name for p in secret.parent.iterdir()) == ["secret.txt"]
-
-
 # ---------------------------------------------------------------- the sweep of partial files
 
 
