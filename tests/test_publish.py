@@ -90,7 +90,9 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
 def check_card(card: str, delta: Path, repo_id: str) -> None:
     manifest = load_manifest(delta)
     summary = xorweights.inspect(delta)
-    assert card.startswith("---\ntags:\n- xorweights\n- xor-delta\nlibrary_name: xorweights\n---\n")
+    assert card.startswith(
+        '---\ntags:\n- xorweights\n- xor-delta\nlibrary_name: xorweights\nbase_model: "org/base"\n---\n'
+    )
     assert "the org/base model, fp16 safetensors" in card
     assert "- Hub repository: [org/base](https://huggingface.co/org/base)" in card
     assert f"- Revision: `{REVISION}` (decode fetches this one when `--base` names the repo)" in card

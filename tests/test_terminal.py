@@ -223,12 +223,12 @@ def _warning_inspect(monkeypatch: pytest.MonkeyPatch) -> None:
     """inspect, warning like the library (XorWeightsWarning) and like torch or numpy (the rest)."""
     real = xorweights.cli.inspect_api
 
-    def noisy(delta: Path) -> Any:
+    def noisy(delta: Path, **kwargs: Any) -> Any:
         warnings.warn(f"base org/base{HOSTILE}: made from another revision", XorWeightsWarning, stacklevel=2)
         warnings.warn("TypedStorage is deprecated.\n  It will be removed", UserWarning, stacklevel=2)
         warnings.warn("old API", DeprecationWarning, stacklevel=2)
         warnings.warn("overflow in cast", RuntimeWarning, stacklevel=2)
-        return real(delta)
+        return real(delta, **kwargs)
 
     monkeypatch.setattr(xorweights.cli, "inspect_api", noisy)
 
@@ -336,7 +336,7 @@ def test_the_model_card_keeps_its_structure_whatever_the_names(delta):
     plain, hostile = card(PLAIN), card(HOSTILE + injection)
     lines = lines_of(hostile)
     assert len(lines) == len(lines_of(plain)) == len(hostile.splitlines())
-    front = "---\ntags:\n- xorweights\n- xor-delta\nlibrary_name: xorweights\n---\n"
+    front = '---\ntags:\n- xorweights\n- xor-delta\nlibrary_name: xorweights\nbase_model: "org/base"\n---\n'
     assert hostile.startswith(front) and lines.count("---") == 2
     assert [line for line in lines if line.startswith("#")] == [x for x in plain.splitlines() if x.startswith("#")]
     assert [line for line in lines if line.startswith("```")] == [x for x in plain.splitlines() if x.startswith("```")]

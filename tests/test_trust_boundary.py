@@ -444,6 +444,7 @@ def test_a_torn_last_line_of_the_state_is_dropped_and_the_decode_resumes(
     state = out / ".xorweights" / STATE_NAME
     with state.open("ab") as f:
         f.write(b'{"file": "model-00002-of-00002.safe')  # a crash in the middle of a line
+    monkeypatch.setattr(OutputDir, "remove_work", lambda self, names: None)  # a finished decode removes its state
     result = xorweights.decode(delta, pair.base, out)
     assert result.skipped[:1] == [SHARD1] and "model-00002-of-00002.safetensors" in result.written
     assert files_digest(out) == files_digest(pair.finetuned)
@@ -467,6 +468,7 @@ def test_the_state_is_appended_once_per_file_never_rewritten(
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(OutputDir, "remove_work", lambda self, names: None)  # a finished decode removes its state
     out = tmp_path / "out"
     xorweights.decode(delta, pair.base, out)
     state = out / ".xorweights" / STATE_NAME

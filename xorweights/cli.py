@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -24,9 +25,11 @@ from .dtypes import NAMED
 from .encode import EncodeResult
 from .encode import encode as encode_api
 from .entry import INTERRUPTED, INTERRUPTED_EXIT, ignore_interrupts, interruptible, was_interrupted
-from .errors import EXIT_INTERNAL, EXIT_OS, EXIT_VERIFY_FAILED, XorWeightsError, XorWeightsWarning
+from .errors import EXIT_INTERNAL, EXIT_OS, EXIT_VERIFY_FAILED, UsageError, XorWeightsError, XorWeightsWarning
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, enforce, report_lines
+from .hub import at_revision, hub_token
 from .kernel import DEFAULT_FRAME_BYTES
+from .manifest import MANIFEST_NAME
 from .printable import printable
 from .report import DeltaSummary, summarize
 from .report import inspect as inspect_api
@@ -46,10 +49,24 @@ def _say(line: str, err: bool = False) -> None:
 
 
 def _say_json(data: object) -> None:
+    """Print ``data``, library result objects included (see :func:`_jsonable`), as the one JSON document on stdout."""
     # json.dumps escapes every control and non-ASCII character itself; each of
     # its lines is then printed like any other.
-    for line in json.dumps(data, indent=1).splitlines():
+    for line in json.dumps(_jsonable(data), indent=1).splitlines():
         _say(line)
+
+
+def _jsonable(obj: object) -> object:
+    """``obj`` as plain JSON values: a result dataclass field by field, paths as strings, recursively."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -134,6 +151,42 @@ def _fail_interrupted() -> NoReturn:
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of the summary."
+)
+
+
+def hub_options(target: str, what: str) -> Callable[[F], F]:
+    """``--revision`` for the Hub repo in the parameter ``target`` and ``--token``, as `hf download` has them.
+
+    Goes below ``translate_errors``, so a conflicting ``@rev`` is one usage line.
+    The token is handed to huggingface_hub (see :func:`xorweights.hub.hub_token`), never printed.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, revision: str | None, token: str | None, **kwargs: Any) -> Any:
+            if kwargs.get(target) is None and revision is not None:
+                raise UsageError(f"--revision {revision}: applies to {what}, which was not given")
+            if kwargs.get(target) is not None:
+                kwargs[target] = at_revision(kwargs[target], revision)
+            with hub_token(token):
+                return fn(*args, **kwargs)
+
+        wrapper = click.option(
+            "--token",
+            metavar="TOKEN",
+            default=None,
+            help="Hugging Face token for private or gated repos (default: HF_TOKEN or `hf auth login`).",
+        )(wrapper)
+        wrapper = click.option(
+            "--revision", metavar="REV", default=None, help=f"Branch, tag or commit of {what}, like org/name@REV."
+        )(wrapper)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 max_unprotected_option = click.option(
     "--max-unprotected",
     type=click.FloatRange(0, 100),
@@ -141,6 +194,13 @@ max_unprotected_option = click.option(
     show_default=True,
     metavar="PCT",
     help="Refuse when more than PCT% of tensor bytes would be stored in the clear.",
+)
+license_option = click.option(
+    "--license",
+    "license_id",
+    metavar="ID",
+    default=None,
+    help="Hub license id for the model card (apache-2.0, llama3.1, other, ...); usually the base's.",
 )
 jobs_option = click.option(
     "--jobs", "-j", type=click.IntRange(min=1), default=None, help="Threads to use (default: one per core)."
@@ -195,9 +255,12 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan and the unprotected report; write nothing.")
 @click.option("--push-to-hub", metavar="REPO", default=None, help="Then upload the delta to this Hub repo (org/name).")
 @click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
+@license_option
 @jobs_option
 @quiet_option
+@json_option
 @translate_errors
+@hub_options("finetuned", "the Hub repo FINETUNED")
 def encode(
     finetuned: Path,
     base: Path,
@@ -214,8 +277,10 @@ def encode(
     dry_run: bool,
     push_to_hub: str | None,
     private: bool,
+    license_id: str | None,
     jobs: int | None,
     quiet: bool,
+    as_json: bool,
 ) -> None:
     """Write the XOR delta of FINETUNED against --base into --out (for releasers).
 
@@ -233,10 +298,14 @@ def encode(
     """
     if private and not push_to_hub:
         raise click.UsageError("--private applies to --push-to-hub REPO; pass both")
+    if license_id is not None and not push_to_hub:
+        raise click.UsageError("--license applies to --push-to-hub REPO; pass both")
     if push_to_hub:
-        from .publish import check_repo_id
+        from .publish import check_license, check_repo_id
 
         check_repo_id(push_to_hub)
+        if license_id is not None:
+            check_license(license_id)
     result = encode_api(
         finetuned,
         base,
@@ -247,30 +316,44 @@ def encode(
         base_description=base_description,
         base_repo_id=base_repo,
         base_revision=base_revision,
-        progress=not quiet and not dry_run,
+        progress=not quiet and not dry_run and not as_json,
         jobs=jobs,
         renames=renames,
         max_unprotected=max_unprotected,
         allow_unprotected=allow_unprotected,
         dry_run=dry_run,
     )
+    if as_json:
+        url = _push(out, push_to_hub, private, license_id, quiet=True) if push_to_hub and not dry_run else None
+        _say_json({**_encode_report(out, result), "pushed_to": push_to_hub if url else None, "url": url})
+        if dry_run:
+            enforce(result.exposure, max_unprotected, allow_unprotected)
+        return
     if dry_run:
         _echo_plan(result)
         enforce(result.exposure, max_unprotected, allow_unprotected)
-        _say(f"dry run: encode would write {out}; nothing was written")
+        if (out / MANIFEST_NAME).exists():
+            _say(f"dry run: nothing was written to {out}")
+            _say(
+                f"note: {out} already holds a finished delta, which encode without --dry-run refuses; "
+                "choose a new output folder or remove the old delta"
+            )
+        else:
+            _say(f"dry run: encode would write {out}; nothing was written")
         if push_to_hub:
             _say(f"dry run: nothing was pushed to {push_to_hub}")
         return
     if not quiet:
         _echo_encoded(out, result)
     if push_to_hub:
-        _push(out, push_to_hub, private)
+        _push(out, push_to_hub, private, license_id)
 
 
 def _echo_encoded(out: Path, result: EncodeResult) -> None:
     assert result.manifest is not None
     s = summarize(result.manifest, result.delta_bytes)
     _say(f"wrote {out}: {s.tensors_xored} of {s.tensors} tensors XORed against the base")
+    _say(f"exposure: {s.exposure_line()}")
     _echo_summary(s)
     for line in result.plan.not_shipped:
         _say(f"  not shipped: {line}")
@@ -280,32 +363,64 @@ def _echo_encoded(out: Path, result: EncodeResult) -> None:
         _say(f"  names mapped automatically with --rename '{rule}'")
 
 
-def _push(delta: Path, repo_id: str, private: bool) -> None:
+def _push(delta: Path, repo_id: str, private: bool, license_id: str | None, quiet: bool = False) -> str:
     from .publish import push_to_hub
 
-    url = push_to_hub(delta, repo_id, private=private)
-    _say(f"pushed {delta} to {repo_id}: {url}")
+    url = push_to_hub(delta, repo_id, private=private, license_id=license_id)
+    if not quiet:
+        _say(f"pushed {delta} to {repo_id}: {url}")
+    return str(url)
+
+
+def _encode_report(out: Path, result: EncodeResult) -> dict[str, object]:
+    """What encode (or its dry run) did, for --json: every tensor and file with its size, and the exposure."""
+    plan = result.plan
+    return {
+        "out": out,
+        "dry_run": result.manifest is None,
+        "summary": summarize(result.manifest, result.delta_bytes) if result.manifest is not None else None,
+        "tensors": [
+            {
+                "name": t.target.name,
+                "base": t.base.name if t.base is not None else None,
+                "method": t.method,
+                "nbytes": t.target.nbytes,
+                "unprotected_bytes": t.unprotected_bytes,
+                "note": t.note,
+            }
+            for t in plan.tensors()
+        ],
+        "weight_files": [{"name": f.name, "size": f.size} for f in plan.weight_files],
+        "other_files": plan.other_files,
+        "unprotected_bytes": result.exposure.unprotected_bytes,
+        "exposure": result.exposure,
+        "not_shipped": plan.not_shipped,
+        "auto_renames": plan.auto_renames,
+    }
 
 
 @main.command()
 @click.argument("delta", type=click.Path(path_type=Path))
 @click.argument("repo_id", metavar="REPO")
 @click.option("--private", is_flag=True, help="Create REPO as private (an existing repo keeps its visibility).")
+@license_option
+@quiet_option
 @translate_errors
-def push(delta: Path, repo_id: str, private: bool) -> None:
+def push(delta: Path, repo_id: str, private: bool, license_id: str | None, quiet: bool) -> None:
     """Upload the finished delta folder DELTA to the Hub repo REPO (org/name), with a model card.
 
-    The card (DELTA/README.md) names the base, the decode command, the
-    expected checksums and the unprotected bytes; a README.md already in
-    DELTA is kept. The token comes from HF_TOKEN or `hf auth login`.
+    The card (DELTA/README.md), generated for REPO at each push, names the
+    base, the decode command, the expected checksums and the unprotected
+    bytes; a README.md you wrote or edited in DELTA is kept. The token comes
+    from HF_TOKEN or `hf auth login`.
 
     Examples:
 
     \b
-      xorweights push my-delta org/my-delta
+      xorweights push my-delta org/my-delta --license apache-2.0
       xorweights push my-delta org/my-delta --private
     """
-    _push(delta, repo_id, private)
+    _push(delta, repo_id, private, license_id, quiet)
 
 
 def _echo_plan(result: EncodeResult) -> None:
@@ -342,11 +457,35 @@ def _echo_plan(result: EncodeResult) -> None:
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), help="The folder to rebuild the fine-tune in.")
 @click.option("--dtype", type=click.Choice(sorted(NAMED)), default=None, help="Convert float tensors after verifying.")
 @click.option("--check-base", is_flag=True, help="Only check the whole base against the delta; write nothing.")
+@click.option(
+    "--skip-file",
+    "skip_files",
+    multiple=True,
+    metavar="GLOB",
+    help="Leave matching non-tensor files out of the rebuild (repeatable).",
+)
+@click.option(
+    "--take-from-base",
+    multiple=True,
+    metavar="GLOB",
+    help="Copy your base's version of matching non-tensor files as is, unverified (repeatable).",
+)
 @jobs_option
 @quiet_option
+@json_option
 @translate_errors
+@hub_options("delta", "the Hub repo DELTA")
 def decode(
-    delta: Path, base: Path, out: Path | None, dtype: str | None, check_base: bool, jobs: int | None, quiet: bool
+    delta: Path,
+    base: Path,
+    out: Path | None,
+    dtype: str | None,
+    check_base: bool,
+    skip_files: tuple[str, ...],
+    take_from_base: tuple[str, ...],
+    jobs: int | None,
+    quiet: bool,
+    as_json: bool,
 ) -> None:
     """Rebuild the fine-tune from DELTA and --base into --out (for downloaders).
 
@@ -363,8 +502,10 @@ def decode(
       xorweights decode my-delta --base base --check-base
     """
     if check_base:
-        problems = check_base_api(delta, base, progress=not quiet)
-        for p in problems:
+        problems = check_base_api(delta, base, progress=not quiet and not as_json)
+        if as_json:
+            _say_json({"base": base, "ok": not problems, "problems": problems})
+        for p in problems if not as_json else []:
             _say(p)
         if problems:
             _fail(
@@ -372,27 +513,46 @@ def decode(
                 "(hint: get the base named by `xorweights inspect DELTA`)",
                 EXIT_VERIFY_FAILED,
             )
-        _say(f"{base} is the base this delta needs: every tensor and referenced file matches")
+        if not as_json:
+            _say(f"{base} is the base this delta needs: every tensor and referenced file matches")
         return
     if out is None:
         raise click.UsageError("missing option '-o' / '--out' (or pass --check-base)")
-    result = decode_api(delta, base, out, dtype=dtype, progress=not quiet, jobs=jobs)
-    if not quiet:
+    result = decode_api(
+        delta,
+        base,
+        out,
+        dtype=dtype,
+        progress=not quiet and not as_json,
+        jobs=jobs,
+        skip_files=skip_files,
+        take_from_base=take_from_base,
+    )
+    if as_json:
+        sizes = {name: (out / name).stat().st_size for name in [*result.written, *result.skipped]}
+        _say_json({**dataclasses.asdict(result), "already_complete": not result.written, "sizes": sizes})
+    elif not quiet:
         how = f"converted to {dtype}" if dtype else "byte-identical to the release"
+        how += ", except the files listed below" if result.skipped_files or result.unverified else ""
         how += f"; config.json's dtype set to {result.config_dtype}" if result.config_dtype else ""
         if result.written:
             done = f"{len(result.written)} files written, {len(result.skipped)} already done"
             _say(f"rebuilt {out}: {done}; every tensor verified, {how}")
         else:
             _say(f"{out}: already complete ({len(result.skipped)} files, verified when written, {how})")
+        if result.skipped_files:
+            _say(f"  left out (--skip-file): {', '.join(result.skipped_files)}")
+        if result.unverified:
+            _say(f"  copied from your base as is, NOT verified (--take-from-base): {', '.join(result.unverified)}")
 
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Where to write the JSON.")
 @quiet_option
+@json_option
 @translate_errors
-def checksum(path: Path, out: Path, quiet: bool) -> None:
+def checksum(path: Path, out: Path, quiet: bool, as_json: bool) -> None:
     """Write per-tensor xxh3-128 and per-file sha256 of the checkpoint at PATH.
 
     Examples:
@@ -400,8 +560,10 @@ def checksum(path: Path, out: Path, quiet: bool) -> None:
     \b
       xorweights checksum out -o checksums/my-model.json
     """
-    sums = checksum_api(path, out, progress=not quiet)
-    if not quiet:
+    sums = checksum_api(path, out, progress=not quiet and not as_json)
+    if as_json:
+        _say_json({"out": out, "files": sums.files, "tensors": sums.tensors})
+    elif not quiet:
         _say(f"wrote {out}: {len(sums.tensors)} tensors, {len(sums.files)} files")
 
 
@@ -420,9 +582,10 @@ def checksum(path: Path, out: Path, quiet: bool) -> None:
     show_default=True,
     help="With --delta: check PATH as the fine-tune the delta rebuilds (target) or as the base it needs.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option
 @quiet_option
 @translate_errors
+@hub_options("delta", "the Hub repo --delta names")
 def verify(path: Path, manifest: Path | None, delta: Path | None, side: str, as_json: bool, quiet: bool) -> None:
     """Check the checkpoint at PATH; exit 0 when it matches, 1 when not.
 
@@ -453,11 +616,16 @@ def verify(path: Path, manifest: Path | None, delta: Path | None, side: str, as_
 
 
 @main.command()
-@click.argument("delta", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.argument("delta")
+@json_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars (the summary is what inspect prints).")
 @translate_errors
-def inspect(delta: Path, as_json: bool) -> None:
+@hub_options("delta", "the Hub repo DELTA")
+def inspect(delta: str, as_json: bool, quiet: bool) -> None:
     """Show which base DELTA needs, its sizes, unprotected bytes and format version.
+
+    DELTA is a folder or a Hub repo, org/name[@revision] or its
+    https://huggingface.co URL, of which only the manifest is fetched.
 
     Examples:
 
@@ -465,7 +633,7 @@ def inspect(delta: Path, as_json: bool) -> None:
       xorweights inspect my-delta
       xorweights inspect org/my-delta --json
     """
-    s = inspect_api(delta)
+    s = inspect_api(delta, progress=not as_json and not quiet)
     if as_json:
         _say_json(s.to_dict())
         return
@@ -490,8 +658,9 @@ def _echo_summary(s: DeltaSummary) -> None:
 
 @main.command()
 @click.option("--keep", type=click.Path(path_type=Path), default=None, help="Build in this folder and keep it.")
+@quiet_option
 @translate_errors
-def demo(keep: Path | None) -> None:
+def demo(keep: Path | None, quiet: bool) -> None:
     """Build a tiny LLaMA-shaped base and fine-tune, then encode, decode and verify them.
 
     Examples:
@@ -502,7 +671,10 @@ def demo(keep: Path | None) -> None:
     """
     from .demo import run_demo
 
-    run_demo(keep, _say)
+    if quiet:
+        run_demo(keep, lambda line: None)
+    else:
+        run_demo(keep, _say)
 
 
 def _legacy_options(fn: F) -> F:
@@ -520,8 +692,11 @@ def _legacy_options(fn: F) -> F:
     return fn
 
 
-def _echo_legacy(result: Any, quiet: bool) -> None:
-    """Warnings always (on stderr), then what was checked and written unless quiet."""
+def _echo_legacy(result: Any, quiet: bool, decoded: str | None = None) -> None:
+    """Warnings always (on stderr), then what was checked and written unless quiet.
+
+    ``decoded`` names what was decoded (default: the output folder).
+    """
     for line in result.warnings:
         _warn(line)
     if quiet:
@@ -531,7 +706,8 @@ def _echo_legacy(result: Any, quiet: bool) -> None:
     checked = f"every file matches {result.out_list}" if result.out_list else "not checked"
     if result.out_list and result.unchecked:
         checked = f"checked against {result.out_list}, except {len(result.unchecked)} it does not list"
-    _say(f"decoded {result.out}: {len(result.written)} files written, {len(result.skipped)} already done; {checked}")
+    what = decoded or f"decoded {result.out}"
+    _say(f"{what}: {len(result.written)} files written, {len(result.skipped)} already done; {checked}")
 
 
 @main.command("decode-legacy")
@@ -540,6 +716,7 @@ def _echo_legacy(result: Any, quiet: bool) -> None:
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="The folder to decode into.")
 @_legacy_options
 @quiet_option
+@json_option
 @translate_errors
 def decode_legacy(
     payload: Path,
@@ -550,6 +727,7 @@ def decode_legacy(
     out_md5: Path | None,
     no_check: bool,
     quiet: bool,
+    as_json: bool,
 ) -> None:
     """Decode a whole-file XOR release made with OpenAssistant's xor_codec.py.
 
@@ -565,9 +743,11 @@ def decode_legacy(
     from .legacy import decode_legacy as decode_legacy_api
 
     result = decode_legacy_api(
-        payload, base, out, base_md5, out_md5, checksums=checksums, check=not no_check, progress=not quiet
+        payload, base, out, base_md5, out_md5, checksums=checksums, check=not no_check, progress=not (quiet or as_json)
     )
-    _echo_legacy(result, quiet)
+    _echo_legacy(result, quiet or as_json)
+    if as_json:
+        _say_json(result)
 
 
 @main.command()
@@ -580,6 +760,7 @@ def decode_legacy(
 @click.option("--allow-unprotected", is_flag=True, help="Publish unprotected tensor bytes anyway.")
 @jobs_option
 @quiet_option
+@json_option
 @translate_errors
 def migrate(
     payload: Path,
@@ -594,6 +775,7 @@ def migrate(
     allow_unprotected: bool,
     jobs: int | None,
     quiet: bool,
+    as_json: bool,
 ) -> None:
     """Turn a whole-file XOR release into a per-tensor delta against the same base (for releasers).
 
@@ -618,10 +800,23 @@ def migrate(
         base_description=base_description,
         max_unprotected=max_unprotected,
         allow_unprotected=allow_unprotected,
-        progress=not quiet,
+        progress=not quiet and not as_json,
         jobs=jobs,
     )
-    _echo_legacy(result.legacy, quiet)
+    if as_json:
+        _echo_legacy(result.legacy, True)  # the warnings, on stderr
+        _say_json(
+            {
+                "out": out,
+                "legacy_bytes": result.legacy_bytes,
+                "delta_bytes": result.delta_bytes,
+                "saved_bytes": result.saved_bytes,
+                "legacy": result.legacy,
+                "encoded": _encode_report(out, result.encoded),
+            }
+        )
+        return
+    _echo_legacy(result.legacy, quiet, "decoded the legacy release")  # its scratch folder is no concern of the user
     if quiet:
         return
     saved = result.saved_bytes

@@ -9,15 +9,16 @@ file gets its final name only when every hash of every tensor in it matched.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import json
 import os
 import re
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,13 +27,13 @@ from tqdm import tqdm
 
 from .base_stream import _EMPTY, BaseStream
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
-from .decode_state import DecodeState, Finished
+from .decode_state import STATE_NAME, DecodeState, Finished
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, TORCH_NAMES, cast_bytes
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
 from .hub import resolve_delta_and_base
-from .inputs import InputFolder
+from .inputs import InputFolder, sha256_exact
 from .kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash
-from .locks import FolderLock
+from .locks import LOCK_NAME, FolderLock
 from .manifest import (
     CHECKSUMS_NAME,
     MANIFEST_NAME,
@@ -89,6 +90,8 @@ class DecodeResult:
     skipped: list[str]
     dtype: str | None
     config_dtype: str | None = None  # the dtype --dtype wrote into config.json, when it changed it
+    skipped_files: list[str] = field(default_factory=list)  # left out of the rebuild (--skip-file)
+    unverified: list[str] = field(default_factory=list)  # copied from the user's base as is (--take-from-base)
 
 
 # ---------------------------------------------------------------- plan
@@ -135,12 +138,17 @@ def _match_base(entry: TensorEntry, base: Checkpoint) -> TensorRef | None:
 
 
 def plan_decode(
-    manifest: Manifest, delta: Path, base: Checkpoint, problems: list[BaseMismatchError] | None = None
+    manifest: Manifest,
+    delta: Path,
+    base: Checkpoint,
+    problems: list[BaseMismatchError] | None = None,
+    leave_out: frozenset[str] = frozenset(),
 ) -> list[FileJob]:
     """Check everything that can be checked without reading tensor data.
 
     A base that does not fit raises at once, unless ``problems`` is given
     (for --check-base): then every mismatch is collected and planning goes on.
+    Non-tensor files named in ``leave_out`` (--skip-file) need not be in the base.
     """
 
     def match(entry: TensorEntry) -> TensorRef | None:
@@ -162,7 +170,7 @@ def plan_decode(
         files.append(job)
     base_files = set(base.other_files())
     for of in manifest.other_files:
-        if of.mode == "reference" and of.name not in base_files:
+        if of.mode == "reference" and of.name not in base_files and of.name not in leave_out:
             where_from = (
                 "Meta's original files do not include it: it comes with the Hugging Face version of the base "
                 "(its config and tokenizer files); copy it"
@@ -399,6 +407,84 @@ def _restore(folder: InputFolder, src: Path, out: OutputDir, of: OtherFile, *, f
         out.copy_in(of.name, f, of.size, src, check)
 
 
+def _matching(names: list[str], globs: Sequence[str], option: str) -> set[str]:
+    """The names any of ``globs`` matches (fnmatch on the relative path); a glob matching none is a UsageError."""
+    chosen: set[str] = set()
+    for glob in globs:
+        hit = {name for name in names if fnmatch.fnmatch(name, glob)}
+        if not hit:
+            raise UsageError(
+                f"{option} {glob}: matches none of the files it applies to ({', '.join(names) or 'none'})",
+                f"{option} applies only to the non-tensor files this delta "
+                + ("takes from the base" if option == "--take-from-base" else "rebuilds")
+                + "; run `xorweights inspect DELTA` to list them",
+            )
+        chosen |= hit
+    return chosen
+
+
+def _leave_out(
+    manifest: Manifest, skip_files: Sequence[str], take_from_base: Sequence[str]
+) -> tuple[set[str], set[str]]:
+    """The non-tensor files --skip-file leaves out, and those --take-from-base copies from the base unverified."""
+    skipped = _matching([of.name for of in manifest.other_files], skip_files, "--skip-file")
+    taken = _matching(
+        [of.name for of in manifest.other_files if of.mode == "reference"], take_from_base, "--take-from-base"
+    )
+    both = sorted(skipped & taken)
+    if both:
+        raise UsageError(
+            f"{', '.join(both)}: matched by both --skip-file and --take-from-base", "make each file match only one"
+        )
+    return skipped, taken
+
+
+def _check_first_base_tensor(files: list[FileJob]) -> None:
+    """Raise the first base tensor's mismatch, if it has one: --skip-file would then be the wrong advice."""
+    tj = next((tj for job in files for tj in job.tensors if tj.base is not None), None)
+    if tj is not None and tj.base is not None:
+        check_tensor(tj, BaseStream(tj.base, tj.entry.dtype, 0), tj.entry.xxh3)
+
+
+def check_referenced(manifest: Manifest, bs: Checkpoint, skipped: set[str], taken: set[str]) -> list[OtherFile]:
+    """The non-tensor files to restore, each checked against the base (size, then sha256) before any is written.
+
+    Every differing file is named in one :class:`BaseMismatchError`. A file in
+    ``taken`` is not checked: it is returned with the size and sha256 of the
+    user's copy, which the copy is then held to. Files in ``skipped`` are left out.
+    """
+    others, problems, differ = [], [], []
+    for of in manifest.other_files:
+        if of.name in skipped:
+            continue
+        if of.mode == "reference":
+            src = bs.root / of.name
+            try:
+                if of.name in taken:
+                    size, sha256 = bs.input.digest(src)
+                    of = replace(of, size=size, sha256=sha256)
+                else:
+                    f, check = _open_other(bs.input, src, of, from_base=True)
+                    with f:
+                        check(sha256_exact(f, of.size, src))
+            except BaseMismatchError as exc:
+                problems.append(exc.message)
+                differ.append(of.name)
+            except FileNotFoundError:
+                problems.append(f"{src}: missing, and this delta takes it from the base")
+                differ.append(of.name)
+        others.append(of)
+    if problems:
+        raise BaseMismatchError(
+            f"{len(problems)} file(s) this delta takes from the base differ from the base it was made from: "
+            + "; ".join(problems),
+            f"restore {', '.join(differ)} from the base model's original release; or decode again with "
+            "--skip-file GLOB to leave them out of the rebuild, or --take-from-base GLOB to keep your copies "
+            f"as they are, unverified (e.g. --take-from-base '{differ[0]}')",
+        )
+    return others
+
+
 def named_dtype(dtype: str | None) -> str | None:
     """The safetensors dtype for a ``--dtype`` name (None stays None); UsageError for an unknown one."""
     if dtype is None:
@@ -416,6 +502,8 @@ def decode(
     dtype: str | None = None,
     progress: bool = False,
     jobs: int | None = None,
+    skip_files: Sequence[str] = (),
+    take_from_base: Sequence[str] = (),
 ) -> DecodeResult:
     """Rebuild the fine-tune from ``delta`` and ``base`` into ``out``.
 
@@ -427,14 +515,25 @@ def decode(
     ``jobs`` threads rebuild frames (default: one per core); the bytes do not
     depend on it. ``delta`` and ``base`` are folders or Hub repos,
     ``org/name[@revision]`` (see :mod:`xorweights.hub`).
+
+    The non-tensor files taken from the base are checked before any weight is
+    written. ``skip_files`` globs (fnmatch on the relative path) leave non-tensor
+    files out of the rebuild; ``take_from_base`` globs copy the user's version
+    of files taken from the base as it is, unverified. Both are listed in the result.
     """
     out = Path(out)
     target_dtype = named_dtype(dtype)
     delta, base, manifest = resolve_delta_and_base(delta, base, progress=progress)
+    skipped, taken = _leave_out(manifest, skip_files, take_from_base)
     inputs = {"delta": delta, "base": Path(base)}
     refuse_overlap(out, inputs)
     with Checkpoint(base) as bs:
-        files = plan_decode(manifest, delta, bs)
+        files = plan_decode(manifest, delta, bs, leave_out=frozenset(skipped))
+        try:
+            others = check_referenced(manifest, bs, skipped, taken)  # before OUT holds a single weight
+        except BaseMismatchError:
+            _check_first_base_tensor(files)  # a wrong base altogether is named as such, not as a few changed files
+            raise
         with OutputDir(out) as od, FolderLock(od):
             refuse_overlap(out, inputs)  # again, now that OUT exists: it cannot have been swapped for an input
             size, digest = InputFolder(delta).digest(delta / MANIFEST_NAME)  # which delta OUT's state is for
@@ -444,7 +543,12 @@ def decode(
                 DecodeState(od, digest, target_dtype, 2 * size + (1 << 20)) as state,
                 _Rebuilder(codec, InputFolder(delta), files, target_dtype, resolve_jobs(jobs), bar) as rebuilder,
             ):
-                return _rebuild_all(od, state, manifest, delta, bs, files, rebuilder, bar)
+                result = _rebuild_all(od, state, manifest, delta, bs, files, rebuilder, bar, others, taken)
+            # A finished OUT holds the release only, so `hf upload OUT` never uploads our bookkeeping; a re-run
+            # adopts the files by the manifest's sha256. Converted files have no such sha256: a --dtype OUT
+            # keeps its state, the one record binding them to this delta.
+            od.remove_work([LOCK_NAME] if target_dtype else [STATE_NAME, LOCK_NAME])
+            return result
 
 
 def _rebuild_all(
@@ -456,23 +560,22 @@ def _rebuild_all(
     files: list[FileJob],
     rebuilder: _Rebuilder,
     bar: tqdm,
+    restored: list[OtherFile],
+    taken: set[str],
 ) -> DecodeResult:
     out, target_dtype, delta_in = od.path, rebuilder.dtype, rebuilder.delta
+    left_out = sorted({of.name for of in manifest.other_files} - {of.name for of in restored})
     # With --dtype, the index and config.json's dtype are rewritten: their originals are checked before any work.
     originals = {
         of.name: _read_json_other(of, delta, delta_in, bs)
-        for of in manifest.other_files
+        for of in restored
         if target_dtype and of.name in (SAFETENSORS_INDEX, CONFIG_NAME)
     }
     config = _converted_config(originals.get(CONFIG_NAME), TORCH_NAMES[target_dtype]) if target_dtype else None
     rewritten = {CONFIG_NAME: config} if config is not None else {}
     done = {job.file.name: _finished(od, job.file, state, target_dtype) for job in files}
     pending = [job for job in files if done[job.file.name] is None]
-    others = [
-        of
-        for of in manifest.other_files
-        if not (target_dtype and of.name == SAFETENSORS_INDEX) and of.name not in rewritten
-    ]
+    others = [of for of in restored if not (target_dtype and of.name == SAFETENSORS_INDEX) and of.name not in rewritten]
     present = {of.name for of in others if _already_there(od, of)}  # refuses foreign files up front
     need = sum(rebuilder.output_size(job.file) for job in pending)
     need += sum(of.size for of in others if of.name not in present) + sum(map(len, rewritten.values()))
@@ -511,15 +614,17 @@ def _rebuild_all(
                 _restore(delta_in, delta / SHIPPED_DIR / of.name, od, of, from_base=False)
             written.append(of.name)
         checksums.files[of.name] = FileSum(of.size, of.sha256)
-    if target_dtype is not None:
+    if target_dtype is not None and SAFETENSORS_INDEX not in left_out:
         rewritten[SAFETENSORS_INDEX] = _converted_index(files, checksums, originals.get(SAFETENSORS_INDEX))
+    if target_dtype is not None:
         for name, data in rewritten.items():
             checksums.files[name] = FileSum(len(data), hashlib.sha256(data).hexdigest())
         for name, data in (*rewritten.items(), (CHECKSUMS_NAME, checksums.to_json().encode())):
             (written if od.write_bytes(name, data) else skipped).append(name)
     od.sweep([job.file.name for job in files] + [of.name for of in manifest.other_files] + [CHECKSUMS_NAME])
     config_dtype = TORCH_NAMES[target_dtype] if target_dtype and config is not None else None
-    return DecodeResult(out, written, skipped, target_dtype, config_dtype)
+    unverified = sorted(taken)
+    return DecodeResult(out, written, skipped, target_dtype, config_dtype, left_out, unverified)
 
 
 def _finished(od: OutputDir, wf: WeightFile, state: DecodeState, dtype: str | None) -> Finished | None:
@@ -534,8 +639,14 @@ def _finished(od: OutputDir, wf: WeightFile, state: DecodeState, dtype: str | No
         return None
     if entry is not None and stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == entry.stat:
         return entry
-    if dtype is None and od.digest(wf.name, size=wf.size) == wf.sha256:
-        return state.add(wf.name, st, wf.sha256, None)
+    if od.digest(wf.name, size=wf.size) == wf.sha256:
+        if dtype is None:
+            return state.add(wf.name, st, wf.sha256, None)
+        # A finished decode without --dtype leaves no state to say so: the file itself does.
+        raise OutputError(
+            f"{od.path}: holds files decoded from another delta or with another --dtype",
+            "decode into a new, empty folder",
+        )
     raise _foreign_file(od.path / wf.name)
 
 

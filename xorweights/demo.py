@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -9,18 +12,44 @@ from pathlib import Path
 from .checksums import verify
 from .decode import decode
 from .encode import encode
-from .errors import UnprotectedError, VerifyFailed
+from .errors import OutputError, UnprotectedError, VerifyFailed
 from .fixtures import LlamaSpec, make_base, make_pair, side_files, write_checkpoint
 from .kernel import sha256_file
 from .report import summarize
 
+# Everything the demo creates in its folder, by name; the marker says a folder is the demo's own.
+MARKER = ".xorweights-demo"
+CREATED = ("base", "finetuned", "delta", "rebuilt", "base-without-prefix", "refused-delta")
+
 
 def run_demo(keep: Path | None, say: Callable[[str], None]) -> None:
+    """Run the demo in a temporary folder, or in ``keep``, which a second run rebuilds cleanly."""
     if keep is not None:
+        _clean(Path(keep))
         _run(Path(keep), say)
         return
     with tempfile.TemporaryDirectory(prefix="xorweights-demo-") as tmp:
         _run(Path(tmp), say)
+
+
+def _clean(root: Path) -> None:
+    """Remove what an earlier demo created in ``root``, by name; refuse a name the demo did not make there."""
+    found = [name for name in CREATED if os.path.lexists(root / name)]
+    if not found:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MARKER).touch()
+        return
+    if not (root / MARKER).is_file():
+        raise OutputError(
+            f"{root}: already holds {', '.join(found)}, not made by `xorweights demo`",
+            "pass --keep a new folder, or the folder of an earlier demo",
+        )
+    for name in found:
+        path = root / name
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)  # fd-based on Linux: a link inside is removed, never followed
+        else:
+            path.unlink()
 
 
 def _run(root: Path, say: Callable[[str], None]) -> None:

@@ -2,13 +2,26 @@
 
 Everything here works on raw little-endian bytes held in numpy ``uint8``
 arrays, so bf16 never needs numpy (or torch) to understand it. The casts are
-the ones torch performs, so a base cast here and a tensor cast with
-``tensor.to(dtype)`` give the same bits:
+part of the delta format (docs/format.md, "Casts between float dtypes"):
 
 * widening (F16 -> F32, BF16 -> F32) is exact;
 * F32 -> F16 rounds to nearest, ties to even (IEEE 754, numpy's ``astype``);
-* F32 -> BF16 rounds to nearest, ties to even, and every NaN becomes 0x7FC0;
+  values too large become infinity;
+* F32 -> BF16 rounds to nearest, ties to even, on the top 16 bits;
 * F16 <-> BF16 goes through F32, which is exact on the way in.
+
+What matches torch's ``tensor.to(dtype)`` bit for bit, on every CPU, is every
+finite value and both infinities; a NaN stays a NaN (tests/test_casts.py
+checks all of it against the installed torch). NaN *payloads* are not torch's:
+torch's own kernels give different ones on different CPUs (0xFFFF for an F32
+NaN cast to BF16 on an AVX-512 CPU, 0x7FC0 elsewhere). Ours are fixed by
+integer rules, never by numpy's or the CPU's float conversion:
+
+* to BF16: every NaN becomes the canonical 0x7FC0;
+* F16 -> F32: sign kept, the 10 payload bits become the top of F32's 23;
+* F32 -> F16: sign kept, the top 10 payload bits kept (0x7C01 with the sign
+  when those are all zero);
+* BF16 -> F32: the 16 bits become the top half, as for any BF16 value.
 """
 
 from __future__ import annotations
@@ -106,7 +119,13 @@ def _to_f32(raw: np.ndarray, src: str) -> np.ndarray:
     if src == "F32":
         return raw.view("<f4")
     if src == "F16":
-        return raw.view("<f2").astype("<f4")
+        half = raw.view("<u2")
+        values = half.view("<f2").astype("<f4")
+        nan = (half & 0x7FFF) > 0x7C00
+        if nan.any():  # numpy's hardware path may set the quiet bit; the format does not
+            h = half[nan].astype("<u4")
+            values.view("<u4")[nan] = ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x03FF) << 13)
+        return values
     # BF16 is the top half of an F32.
     return (raw.view("<u2").astype("<u4") << 16).view("<f4")
 
@@ -115,8 +134,14 @@ def _from_f32(values: np.ndarray, dst: str) -> np.ndarray:
     if dst == "F32":
         return values.view(np.uint8)
     if dst == "F16":
-        with np.errstate(over="ignore"):
-            return values.astype("<f2").view(np.uint8)
+        with np.errstate(over="ignore", invalid="ignore"):
+            half = values.astype("<f2").view("<u2")
+        nan = np.isnan(values)
+        if nan.any():  # the payload by the integer rule, whatever numpy's conversion does with it
+            b = values.view("<u4")[nan]
+            payload = (b >> 13) & 0x3FF
+            half[nan] = (((b >> 16) & 0x8000) | 0x7C00 | np.maximum(payload, 1)).astype("<u2")
+        return half.view(np.uint8)
     bits = values.view("<u4")
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
     out = rounded.astype("<u2")

@@ -174,7 +174,7 @@ def encode(
     delta = Path(out)
     if not 1 <= frame_bytes <= MAX_FRAME_BYTES or frame_bytes % 8:
         raise UsageError(f"frame size {frame_bytes} must be a multiple of 8 up to {MAX_FRAME_BYTES}")
-    if (delta / MANIFEST_NAME).exists():
+    if not dry_run and (delta / MANIFEST_NAME).exists():  # a dry run writes nothing, so it still plans
         raise OutputError(
             f"{delta}: already holds a finished delta", "choose a new output folder or remove the old delta"
         )

@@ -20,6 +20,45 @@ from .manifest import DATA_SUFFIX, OtherFile
 from .renames import auto_renames, base_name_map
 from .safetensors_io import build_header
 
+# What a training run leaves beside the weights, never part of a release, and
+# why: optimizer and scheduler states are as large as the weights and derived
+# from them, and pickles run code when loaded. A pattern ending in "/" matches
+# a folder anywhere in the path (reported once, before what it holds); any
+# other, a file's name. Checked after --exclude, before the other formats' weights.
+NEVER_SHIPPED: tuple[tuple[str, str], ...] = (
+    ("training_args.bin", "training arguments, a pickle"),
+    ("optimizer*.pt", "optimizer state"),
+    ("optimizer*.bin", "optimizer state"),
+    ("optimizer*.pth", "optimizer state"),
+    ("optimizer*.safetensors", "optimizer state"),
+    ("scheduler*.pt", "learning-rate scheduler state"),
+    ("scheduler*.bin", "learning-rate scheduler state"),
+    ("scaler*.pt", "mixed-precision scaler state"),
+    ("rng_state*.pth", "random number generator state"),
+    ("trainer_state.json", "the trainer's progress log"),
+    ("events.out.tfevents.*", "a TensorBoard log"),
+    ("*.ckpt", "a training checkpoint"),
+    ("zero_to_fp32.py", "a DeepSpeed checkpoint script"),
+    ("checkpoint-*/", "an intermediate training checkpoint"),
+    ("global_step*/", "DeepSpeed training state"),
+    ("runs/", "TensorBoard logs"),
+    ("wandb/", "Weights & Biases run files"),
+    ("*.bin", "a pickle, which may hold weights and runs code when loaded"),
+)
+
+
+def never_shipped(rel: str) -> tuple[str, str] | None:
+    """``(what, reason)`` when ``rel`` is a training leftover or a pickle: the file, or its folder."""
+    *folders, name = rel.split("/")
+    for i, part in enumerate(folders):  # the outermost leftover folder first: one line for all it holds
+        for pattern, reason in NEVER_SHIPPED:
+            if pattern.endswith("/") and fnmatch.fnmatch(part, pattern[:-1]):
+                return "/".join(folders[: i + 1]) + "/", reason
+    for pattern, reason in NEVER_SHIPPED:
+        if not pattern.endswith("/") and fnmatch.fnmatch(name, pattern):
+            return rel, reason
+    return None
+
 
 @dataclass(frozen=True)
 class TensorPlan:
@@ -125,6 +164,13 @@ def plan_encode(
             continue
         if rel == BIN_INDEX and finetuned.format == "bin":
             not_shipped.append(f"{rel} (the delta rebuilds the weights as safetensors)")
+            continue
+        leftover = never_shipped(rel)
+        if leftover is not None:
+            what, reason = leftover
+            line = f"{what} ({reason})"
+            if line not in not_shipped:  # a folder is listed once
+                not_shipped.append(line)
             continue
         if is_foreign_weight(rel):
             not_shipped.append(f"{rel} (weights in a format the delta does not carry)")

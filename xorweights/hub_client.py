@@ -22,7 +22,7 @@ from huggingface_hub.utils import (
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from .errors import HubDownloadError
-from .hub import Resolved
+from .hub import Resolved, current_token
 
 # The HTTP client's own errors (a refused connection, a proxy, TLS): httpx's
 # and requests' HTTPError both sit in HfHubHTTPError's bases, whichever the
@@ -58,7 +58,7 @@ def repo_files(repo_id: str, revision: str | None) -> list[str] | None:
     then serves the cache, or raises the error worth reporting.
     """
     try:
-        info = HfApi().model_info(repo_id, revision=revision)
+        info = HfApi(token=current_token()).model_info(repo_id, revision=revision)
     except CONNECTION_ERRORS:
         return None
     return [s.rfilename for s in info.siblings or []]
@@ -82,6 +82,7 @@ def fetch(
                 allow_patterns=list(allow) if allow is not None else None,
                 ignore_patterns=list(ignore) if ignore is not None else None,
                 tqdm_class=None if progress else _SilentTqdm,
+                token=current_token(),
             )
         )
     except _HUB_ERRORS as exc:

@@ -88,7 +88,11 @@ class Md5List:
 
 
 def read_md5_list(path: str | Path) -> Md5List:
-    """Parse an md5sum-format file; blank lines and ``#`` comments are skipped."""
+    """Parse an md5sum-format file; blank lines and ``#`` comments are skipped.
+
+    A leading ``./`` is dropped from names: ``md5sum ./*`` writes them so, and
+    files are matched by their name in the folder.
+    """
     path = Path(path)
     try:
         text = InputFolder(path).read(path, MAX_MD5_LIST_BYTES).decode("utf-8")
@@ -105,7 +109,7 @@ def read_md5_list(path: str | Path) -> Md5List:
             raise InputFileError(
                 f"{path}: line {number} is not '<md5>  <name>'", "give a list in the format `md5sum` writes"
             )
-        sums[m["name"]] = m["md5"].lower()
+        sums[m["name"].removeprefix("./")] = m["md5"].lower()
     if not sums:
         raise InputFileError(f"{path}: the md5 list names no files", "give a list in the format `md5sum` writes")
     return Md5List(path, sums)
@@ -487,7 +491,21 @@ def _foreign(final: Path) -> OutputError:
 
 
 def _check_base(base: Path, base_list: Md5List, files: list[LegacyFile], progress: bool) -> list[str]:
-    """Match every base file the payload needs against the published list; refuse naming all that differ."""
+    """Match every base file the payload needs against the published list; refuse naming all that differ.
+
+    A base file the list does not name would go unchecked: that is refused
+    too (UsageError), naming every such file, never skipped in silence.
+    """
+    xored = [f.name for f in files if f.base is not None]
+    unlisted = [n for n in xored if n not in base_list.sums]
+    if unlisted:
+        which = "any" if len(unlisted) == len(xored) else f"{len(unlisted)}"
+        raise UsageError(
+            f"{base_list.label}: does not name {which} of the {len(xored)} base files the payload is XORed with, "
+            f"so they cannot be checked: {', '.join(unlisted)}",
+            "pass the md5 list of exactly these base files (run `md5sum *` in the base folder), "
+            "or --no-check to decode without checking the base",
+        )
     needed = [f.name for f in files if f.name in base_list.sums]
     present = [n for n in needed if (base / n).is_file()]
     bar = byte_bar(sum((base / n).stat().st_size for n in present), "check base", progress)

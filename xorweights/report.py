@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .manifest import BaseRef, Manifest, TensorEntry, load_manifest
+from .manifest import MANIFEST_NAME, BaseRef, Manifest, TensorEntry, load_manifest
 
 
 def unprotected_line(t: TensorEntry) -> str | None:
@@ -84,7 +84,20 @@ def delta_size(delta: Path) -> int:
     return sum(p.stat().st_size for p in delta.rglob("*") if p.is_file() and ".xorweights" not in p.parts)
 
 
-def inspect(delta: str | Path) -> DeltaSummary:
-    """Summarize the delta folder ``delta`` without reading its data."""
-    delta = Path(delta)
-    return summarize(load_manifest(delta), delta_size(delta))
+def inspect(delta: str | Path, *, progress: bool = True) -> DeltaSummary:
+    """Summarize the delta ``delta`` without reading its data.
+
+    ``delta`` is a folder, or a Hub repo (``org/name[@revision]`` or its
+    https://huggingface.co URL) of which only the manifest is fetched: the
+    sizes of the other files are the ones it declares.
+    """
+    from .hub import parse_repo_ref, resolve
+
+    if parse_repo_ref(delta) is None:
+        folder = Path(delta)
+        return summarize(load_manifest(folder), delta_size(folder))
+    folder = resolve(delta, "delta", [MANIFEST_NAME], progress=progress).path
+    manifest = load_manifest(folder)
+    declared = sum(s for wf in manifest.weight_files for t in wf.tensors for s, _ in t.frames)
+    declared += sum(of.size for of in manifest.other_files if of.mode == "ship")
+    return summarize(manifest, declared + (folder / MANIFEST_NAME).stat().st_size)
