@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+import xorweights
 from xorweights.cli import main
 from xorweights.fixtures import Pair, make_pair
 
@@ -17,6 +18,20 @@ from xorweights.fixtures import Pair, make_pair
 def pair(tmp_path: Path) -> Pair:
     """F16 base and fine-tune: 2 shards with an index, 4 added tokens, a value head."""
     return make_pair(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracebacks must stay hidden unless a test asks for them (with monkeypatch.setenv)."""
+    monkeypatch.delenv("XORWEIGHTS_DEBUG", raising=False)
+
+
+@pytest.fixture
+def delta(pair: Pair, tmp_path: Path) -> Path:
+    """The delta of ``pair``, encoded with the defaults."""
+    out = tmp_path / "delta"
+    xorweights.encode(pair.finetuned, pair.base, out)
+    return out
 
 
 @pytest.fixture

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 from conftest import files_digest, partials, run
-from test_errors import assert_error, encode
-from test_legacy import _bin_pair, legacy_encode, make_release, md5_list
+from test_errors import assert_error
+from test_legacy import make_release
 
-import xorweights
-from xorweights import legacy
 from xorweights.checksums import verify
 from xorweights.decode import decode
 from xorweights.errors import EXIT_OS, EXIT_USAGE, EXIT_VERIFY_FAILED
@@ -24,16 +22,6 @@ from xorweights.fixtures import Pair
 from xorweights.legacy import decode_legacy, read_md5_list
 
 CHANGED = ("generation_config.json", "tokenizer_config.json")
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("XORWEIGHTS_DEBUG", raising=False)
-
-
-@pytest.fixture
-def delta(pair: Pair, tmp_path: Path) -> Path:
-    return encode(pair, tmp_path / "delta")
 
 
 def change_hub_files(base: Path) -> dict[str, bytes]:
@@ -227,21 +215,3 @@ def test_a_base_list_missing_some_files_is_refused(tmp_path: Path) -> None:
     partial_list.write_text("".join(line for line in rel.base_md5.read_text().splitlines(True) if "config" not in line))
     r = run("decode-legacy", rel.payload, "--base", rel.base, "-o", tmp_path / "out", "--base-md5", partial_list)
     assert_error(r, EXIT_USAGE, "does not name 1 of the 4 base files", "config.json")
-
-
-# ---------------------------------------------------------------- migrate
-
-
-def test_migrate_never_prints_its_scratch_folder(tmp_path: Path) -> None:
-    base, ft = _bin_pair(tmp_path)
-    payload = tmp_path / "payload"
-    legacy_encode(ft, base, payload)
-    base_md5, out_md5 = md5_list(base, tmp_path / "base.md5"), md5_list(ft, tmp_path / "out.md5")
-    delta = tmp_path / "delta"
-    r = run("migrate", payload, "--base", base, "-o", delta, "--base-md5", base_md5, "--out-md5", out_md5)
-    assert r.exit_code == 0, r.output
-    scratch = legacy.decoded_folder(delta).name
-    assert scratch == ".delta.legacy-decoded"
-    assert scratch not in r.stdout and scratch not in r.stderr
-    assert "decoded the legacy release: " in r.stdout
-    assert xorweights.inspect(delta).tensors == 4

@@ -12,7 +12,6 @@ from hub_server import FakeHub, serve
 from test_hub import Runner, one_error_line
 from test_legacy import _bin_pair, legacy_encode, md5_list
 
-import xorweights
 from xorweights.cli import main
 from xorweights.fixtures import Pair
 from xorweights.manifest import load_manifest
@@ -26,13 +25,6 @@ def one_document(stdout: str) -> dict:
     doc = json.loads(stdout)
     assert isinstance(doc, dict)
     return doc
-
-
-@pytest.fixture
-def delta(pair: Pair, tmp_path: Path) -> Path:
-    out = tmp_path / "delta"
-    xorweights.encode(pair.finetuned, pair.base, out)
-    return out
 
 
 # ---------------------------------------------------------------- --json

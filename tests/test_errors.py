@@ -27,12 +27,6 @@ SHARD2 = "model-00002-of-00002.safetensors"
 HINT = re.compile(r"\(hint: (?P<hint>.+)\)$")
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tracebacks must stay hidden unless a test asks for them."""
-    monkeypatch.delenv("XORWEIGHTS_DEBUG", raising=False)
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -58,11 +52,6 @@ def encode(pair: Pair, out: Path, *options: str) -> Path:
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", out, "-q", *options)
     assert r.exit_code == 0, r.output
     return out
-
-
-@pytest.fixture
-def delta(pair: Pair, tmp_path: Path) -> Path:
-    return encode(pair, tmp_path / "delta")
 
 
 def read_manifest(delta: Path) -> dict[str, Any]:

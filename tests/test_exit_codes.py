@@ -41,17 +41,6 @@ SHARD1 = "model-00001-of-00002.safetensors"
 VERIFY_FAILED, USAGE, BAD_INPUT, HUB, OS_ERROR, UNPROTECTED, INTERNAL = 1, 2, 3, 4, 5, 6, 7
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("XORWEIGHTS_DEBUG", raising=False)
-
-
-@pytest.fixture
-def delta(pair: Pair, tmp_path: Path) -> Path:
-    xorweights.encode(pair.finetuned, pair.base, tmp_path / "delta")
-    return tmp_path / "delta"
-
-
 def only_line(r: Result, code: int) -> str:
     """The command exited with ``code`` and printed exactly one error line; return it."""
     assert r.exit_code == code, r.output

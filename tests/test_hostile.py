@@ -48,16 +48,6 @@ Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 K_PROJ = "model.layers.0.self_attn.k_proj.weight"  # same shape and dtype as Q_PROJ, right after it
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("XORWEIGHTS_DEBUG", raising=False)
-
-
-@pytest.fixture
-def delta(pair: Pair, tmp_path: Path) -> Path:
-    return encode(pair, tmp_path / "delta")
-
-
 def assert_nothing_finished(out: Path) -> None:
     """No weight file under any name, and no manifest that would make OUT look like a finished delta."""
     assert weight_files(out) == []

@@ -398,6 +398,8 @@ def test_migrate_makes_a_per_tensor_delta(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert f"wrote {delta}: per-tensor delta of" in r.stdout and "against the legacy payload's" in r.stdout
     assert not legacy.decoded_folder(delta).exists()
+    scratch = legacy.decoded_folder(delta).name  # an implementation detail: never printed
+    assert scratch == ".delta.legacy-decoded" and scratch not in r.stdout and scratch not in r.stderr
     out = tmp_path / "out"
     xorweights.decode(delta, base, out)
     with Checkpoint(ft) as want, Checkpoint(out) as got:

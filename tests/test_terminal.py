@@ -52,11 +52,6 @@ PLAIN = "P" * len(json.dumps(HOSTILE)[1:-1])
 INTERRUPTED_LINE = f"xorweights: error: {INTERRUPTED}\n"
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("XORWEIGHTS_DEBUG", raising=False)
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -101,12 +96,6 @@ def describe_base(delta: Path, description: str) -> None:
         m["base"]["description"] = description
 
     edit_manifest(delta, edit)
-
-
-@pytest.fixture
-def delta(pair: Pair, tmp_path: Path) -> Path:
-    xorweights.encode(pair.finetuned, pair.base, tmp_path / "delta")
-    return tmp_path / "delta"
 
 
 # ---------------------------------------------------------------- the escaping itself

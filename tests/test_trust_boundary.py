@@ -35,11 +35,6 @@ from xorweights.outdir import OutputDir
 SECRET = b"the releaser's private key\n"
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("XORWEIGHTS_DEBUG", raising=False)
-
-
 @pytest.fixture
 def secret(tmp_path: Path) -> Path:
     """A file outside every input that an attacker would like published or copied."""
@@ -47,11 +42,6 @@ def secret(tmp_path: Path) -> Path:
     path.parent.mkdir()
     path.write_bytes(SECRET)
     return path
-
-
-@pytest.fixture
-def delta(pair: Pair, tmp_path: Path) -> Path:
-    return encode(pair, tmp_path / "delta")
 
 
 def sha(data: bytes) -> str:
