@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -155,20 +156,29 @@ def test_a_finished_decode_leaves_no_work_folder_and_a_rerun_adopts_the_files(
     assert files_digest(out) == files_digest(pair.finetuned)
 
 
-def test_a_finished_dtype_decode_keeps_only_its_state_and_a_rerun_adopts_the_files(
-    pair: Pair, delta: Path, tmp_path: Path
+def test_a_finished_dtype_decode_leaves_no_state_and_a_rerun_adopts_the_files(
+    pair: Pair, delta: Path, tmp_path: Path, make: Callable[..., Pair]
 ) -> None:
     out = tmp_path / "out"
     r = run("decode", delta, "--base", pair.base, "-o", out, "--dtype", "bf16")
     assert r.exit_code == 0, r.output
-    # Only the log binding the converted files to this delta: no lock, no partial.
-    assert sorted(p.name for p in (out / WORK_DIR).iterdir()) == ["decode-state.jsonl"]
+    assert not (out / WORK_DIR).exists()  # nothing of ours for `hf upload OUT` to pick up
     first = files_digest(out)
     r = run("decode", delta, "--base", pair.base, "-o", out, "--dtype", "bf16")
     assert r.exit_code == 0, r.output
     assert f"{out}: already complete" in r.stdout
     assert files_digest(out) == first
     assert run("verify", out).exit_code == 0
+    # Another delta of the same base, same tensor names and shapes: its checksums' source differs.
+    other = make(seed=7)
+    other_delta = tmp_path / "other-delta"
+    assert run("encode", other.finetuned, "--base", other.base, "-o", other_delta, "-q").exit_code == 0
+    r = run("decode", other_delta, "--base", other.base, "-o", out, "--dtype", "bf16")
+    assert r.exit_code == 5 and "already exists and is not the file this delta rebuilds" in r.stderr, r.output
+    assert files_digest(out) == first
+    # Another --dtype of the same delta: refused too, never adopted.
+    r = run("decode", delta, "--base", pair.base, "-o", out, "--dtype", "fp32")
+    assert r.exit_code == 5 and files_digest(out) == first, r.output
 
 
 # ---------------------------------------------------------------- --revision and --token

@@ -279,3 +279,10 @@ def test_decode_and_verify_take_a_hub_url(tmp_path, released):  # noqa: F811
     assert files_digest(tmp_path / "out") == files_digest(pair.finetuned)
     r = run_hub("verify", tmp_path / "out", "--delta", f"{url}/tree/{SHA_DELTA}", "-q", offline=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_push_accepts_the_repos_page_url(delta: Path) -> None:
+    api = FakeApi()
+    push_to_hub(delta, "https://huggingface.co/me/ft-delta", api=api)
+    assert api.calls[0][1]["repo_id"] == "me/ft-delta"
+    assert "me/ft-delta" in (delta / "README.md").read_text(encoding="utf-8")

@@ -303,7 +303,7 @@ def encode(
     if push_to_hub:
         from .publish import check_license, check_repo_id
 
-        check_repo_id(push_to_hub)
+        push_to_hub = check_repo_id(push_to_hub)
         if license_id is not None:
             check_license(license_id)
     result = encode_api(

@@ -48,6 +48,7 @@ from .manifest import (
     TensorSum,
     WeightFile,
     load_json,
+    parse_checksums,
 )
 from .outdir import OutputDir, start_writeback
 from .overlap import refuse_overlap
@@ -544,10 +545,9 @@ def decode(
                 _Rebuilder(codec, InputFolder(delta), files, target_dtype, resolve_jobs(jobs), bar) as rebuilder,
             ):
                 result = _rebuild_all(od, state, manifest, delta, bs, files, rebuilder, bar, others, taken)
-            # A finished OUT holds the release only, so `hf upload OUT` never uploads our bookkeeping; a re-run
-            # adopts the files by the manifest's sha256. Converted files have no such sha256: a --dtype OUT
-            # keeps its state, the one record binding them to this delta.
-            od.remove_work([LOCK_NAME] if target_dtype else [STATE_NAME, LOCK_NAME])
+            # A finished OUT holds the release only, so `hf upload OUT` never uploads our bookkeeping. A re-run
+            # adopts the files by the manifest's sha256 or, converted, by xorweights-checksums.json's.
+            od.remove_work([STATE_NAME, LOCK_NAME])
             return result
 
 
@@ -573,7 +573,8 @@ def _rebuild_all(
     }
     config = _converted_config(originals.get(CONFIG_NAME), TORCH_NAMES[target_dtype]) if target_dtype else None
     rewritten = {CONFIG_NAME: config} if config is not None else {}
-    done = {job.file.name: _finished(od, job.file, state, target_dtype) for job in files}
+    converted = _converted_before(od, state)
+    done = {job.file.name: _finished(od, job.file, state, target_dtype, converted) for job in files}
     pending = [job for job in files if done[job.file.name] is None]
     others = [of for of in restored if not (target_dtype and of.name == SAFETENSORS_INDEX) and of.name not in rewritten]
     present = {of.name for of in others if _already_there(od, of)}  # refuses foreign files up front
@@ -581,7 +582,7 @@ def _rebuild_all(
     need += sum(of.size for of in others if of.name not in present) + sum(map(len, rewritten.values()))
     _check_free_space(out, need)
     written, skipped = [], []
-    checksums = Checksums()
+    checksums = Checksums(source={"delta": state.delta_id, "dtype": target_dtype} if target_dtype else None)
     for job in files:
         name = job.file.name
         entry = done[name]
@@ -627,11 +628,33 @@ def _rebuild_all(
     return DecodeResult(out, written, skipped, target_dtype, config_dtype, left_out, unverified)
 
 
-def _finished(od: OutputDir, wf: WeightFile, state: DecodeState, dtype: str | None) -> Finished | None:
+def _converted_before(od: OutputDir, state: DecodeState) -> Checksums | None:
+    """The checksums a finished ``--dtype`` decode of this same delta and dtype left in OUT, if any.
+
+    A finished decode removes its state, so the converted files are vouched
+    for by ``xorweights-checksums.json``, whose ``source`` names the delta and dtype.
+    """
+    if state.dtype is None or state.files:
+        return None
+    data = od.read(CHECKSUMS_NAME, MAX_MANIFEST_BYTES)
+    if data is None:
+        return None
+    try:
+        sums = parse_checksums(data.decode("utf-8"), str(od.path / CHECKSUMS_NAME))
+    except (UnicodeDecodeError, ManifestError):
+        return None  # not ours to trust: the files it lists are then refused as foreign
+    return sums if sums.source == {"delta": state.delta_id, "dtype": state.dtype} else None
+
+
+def _finished(
+    od: OutputDir, wf: WeightFile, state: DecodeState, dtype: str | None, converted: Checksums | None
+) -> Finished | None:
     """The state entry of a weight file an earlier run finished, or None to rebuild it.
 
     A file under its final name that the state does not vouch for is adopted
-    only if it is exactly the one this delta rebuilds; anything else is refused.
+    only if it is exactly the one this delta rebuilds (by the manifest's
+    sha256, or with ``--dtype`` by the checksums a finished decode of the same
+    delta and dtype recorded); anything else is refused.
     """
     st = od.lstat(wf.name)
     entry = state.files.get(wf.name)
@@ -639,6 +662,12 @@ def _finished(od: OutputDir, wf: WeightFile, state: DecodeState, dtype: str | No
         return None
     if entry is not None and stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == entry.stat:
         return entry
+    recorded = converted.files.get(wf.name) if converted is not None else None
+    if recorded is not None and od.digest(wf.name, size=recorded.size) == recorded.sha256:
+        assert converted is not None
+        tensors = {t.name: converted.tensors[t.name] for t in wf.tensors if t.name in converted.tensors}
+        if len(tensors) == len(wf.tensors):
+            return state.add(wf.name, st, recorded.sha256, tensors)
     if od.digest(wf.name, size=wf.size) == wf.sha256:
         if dtype is None:
             return state.add(wf.name, st, wf.sha256, None)

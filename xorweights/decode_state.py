@@ -113,6 +113,7 @@ class DecodeState:
     def __init__(self, out: OutputDir, delta_id: str, dtype: str | None, cap: int) -> None:
         self.where = out.path / WORK_DIR / STATE_NAME
         header = {"delta": delta_id, "dtype": dtype}
+        self.delta_id, self.dtype = delta_id, dtype
         data = out.read_work(STATE_NAME, cap) or b""
         old, files, end = parse_state(data, str(self.where))
         self.files: dict[str, Finished] = files if old == header else {}

@@ -91,6 +91,12 @@ def parse_repo_ref(ref: str | Path) -> tuple[str, str | None] | None:
     return repo_id, revision or None
 
 
+def repo_id_of(text: str) -> str:
+    """``org/name`` for a Hub repo's page URL (``https://huggingface.co/org/name``); any other text as it is."""
+    url = _HUB_URL.fullmatch(text)
+    return url["repo"] if url and not url["rev"] else text
+
+
 # The token every huggingface_hub call in this context uses; None: HF_TOKEN or the stored login.
 _TOKEN: ContextVar[str | None] = ContextVar("xorweights_hub_token", default=None)
 

@@ -25,7 +25,7 @@ DATA_SUFFIX = ".xwd"
 
 CHECKSUM_FORMAT = "xorweights-checksums"
 CHECKSUMS_NAME = "xorweights-checksums.json"  # written into OUT by decode --dtype
-CHECKSUM_VERSION = 1
+CHECKSUM_VERSION = 2  # 2 added the optional "source" of a converted decode; 1 still reads
 
 METHODS = ("xor", "partial_xor", "raw")
 
@@ -414,23 +414,39 @@ class Checksums:
 
     tensors: dict[str, TensorSum] = field(default_factory=dict)
     files: dict[str, FileSum] = field(default_factory=dict)
+    # What a converted folder was decoded from, so a re-run can vouch for its files:
+    # {"delta": sha256 of the delta's manifest, "dtype": the --dtype}; None elsewhere.
+    source: dict[str, str] | None = None
 
     def to_json(self) -> str:
-        obj = {
+        obj: dict[str, Any] = {
             "format": CHECKSUM_FORMAT,
             "format_version": CHECKSUM_VERSION,
             "tool_version": __version__,
             "files": {k: asdict(v) for k, v in sorted(self.files.items())},
             "tensors": {k: asdict(v) for k, v in sorted(self.tensors.items())},
         }
+        if self.source is not None:
+            obj["source"] = self.source
         return json.dumps(obj, indent=1) + "\n"
 
 
 def load_checksums(path: Path) -> Checksums:
     where = str(path)
     try:
-        obj = load_json(InputFolder(path).read(Path(path), MAX_MANIFEST_BYTES).decode("utf-8"), where)
-    except (OSError, ValueError, RecursionError) as exc:
+        text = InputFolder(path).read(Path(path), MAX_MANIFEST_BYTES).decode("utf-8")
+    except (OSError, ValueError) as exc:
+        raise ManifestError(
+            f"{where}: cannot read checksum manifest ({exc})", "pass a file made by `xorweights checksum`"
+        ) from None
+    return parse_checksums(text, where)
+
+
+def parse_checksums(text: str, where: str) -> Checksums:
+    """Parse and validate a checksum manifest."""
+    try:
+        obj = load_json(text, where)
+    except (ValueError, RecursionError) as exc:
         raise ManifestError(
             f"{where}: cannot read checksum manifest ({exc})", "pass a file made by `xorweights checksum`"
         ) from None
@@ -457,5 +473,13 @@ def load_checksums(path: Path) -> Checksums:
         fr = _Reader(f, f"{where} file {name}")
         out.files[name] = FileSum(fr.get("size", int), _hexdigest(fr.get("sha256", str), 64, fr.where))
         fr.done()
+    source = r.get("source", dict, optional=True) if version >= 2 else None
+    if source is not None:
+        sr = _Reader(source, f"{where} source")
+        out.source = {
+            "delta": _hexdigest(sr.get("delta", str), 64, sr.where),
+            "dtype": _dtype(sr.get("dtype", str), sr.where),
+        }
+        sr.done()
     r.done()
     return out

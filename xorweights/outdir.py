@@ -282,12 +282,12 @@ class OutputDir:
 
     # ------------------------------------------------------------ our own files in the work folder
 
-    def read_work(self, name: str, cap: int) -> bytes | None:
-        """One of our state files, refused (OutputError) beyond ``cap`` bytes; None if missing."""
-        where = self.path / WORK_DIR / name
-        work = self.dir_fd(WORK_DIR, create=False)
+    def read(self, rel: str, cap: int) -> bytes | None:
+        """A small file of ours in OUT (a state, a checksum manifest), refused beyond ``cap`` bytes; None if missing."""
+        where = self.path / rel
+        parent_fd, name = self._parent(rel, create=False)
         try:
-            opened = self._open_existing(work, name) if work is not None else None
+            opened = self._open_existing(parent_fd, name) if parent_fd is not None else None
         except OSError as exc:
             raise OutputError(f"{where}: cannot read ({exc.strerror})", f"delete {where}") from None
         if opened is None:
@@ -296,10 +296,14 @@ class OutputDir:
         with f:
             if not stat.S_ISREG(st.st_mode) or st.st_size > cap:
                 raise OutputError(
-                    f"{where}: not a state file xorweights wrote (expected at most {cap} bytes, found {st.st_size})",
+                    f"{where}: not a file xorweights wrote (expected at most {cap} bytes, found {st.st_size})",
                     f"delete {where} and run the same command again",
                 )
             return f.read(st.st_size)
+
+    def read_work(self, name: str, cap: int) -> bytes | None:
+        """One of our state files in the work folder; see :meth:`read`."""
+        return self.read(f"{WORK_DIR}/{name}", cap)
 
     def write_work(self, name: str, data: bytes) -> None:
         """Replace one of our state files atomically (the work folder is ours: replacing is safe)."""

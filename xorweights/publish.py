@@ -27,6 +27,7 @@ from huggingface_hub.utils import (
 
 from .decode import open_delta_file
 from .errors import HubAuthError, HubError, InputFileError, UsageError
+from .hub import repo_id_of
 from .hub_client import CONNECTION_ERRORS
 from .inputs import InputFolder
 from .manifest import MANIFEST_NAME, SHIPPED_DIR, Manifest, load_manifest
@@ -57,12 +58,13 @@ def check_license(license_id: str) -> None:
         )
 
 
-def check_repo_id(repo_id: str) -> None:
-    """Refuse, before any work is done, a repository id the Hub would refuse or that lacks its namespace.
+def check_repo_id(text: str) -> str:
+    """The repository id ``text`` names (a repo id, or its page's URL); refused before any work if the Hub would.
 
     The card's commands pass the id to decode and verify, which read a bare
     ``name`` as a local folder, so pushes name ``org/name`` in full.
     """
+    repo_id = repo_id_of(text)
     hint = "name the repository org/name (your user name or organization), with letters, digits, '-', '_' and '.'"
     if repo_id.count("/") != 1:
         raise UsageError(f"{repo_id!r} is not an org/name Hub repository id", hint)
@@ -70,6 +72,7 @@ def check_repo_id(repo_id: str) -> None:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise UsageError(f"{repo_id!r} is not a Hub repository id ({exc})", hint) from None
+    return repo_id
 
 
 # Markdown characters that can start a link, an image, HTML, an entity, a code
@@ -272,7 +275,7 @@ def push_to_hub(
     :class:`HubError`, whose hint says how to retry.
     """
     delta = Path(delta)
-    check_repo_id(repo_id)
+    repo_id = check_repo_id(repo_id)
     if license_id is not None:
         check_license(license_id)
     manifest = load_manifest(delta)
