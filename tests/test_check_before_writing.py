@@ -215,3 +215,15 @@ def test_a_base_list_missing_some_files_is_refused(tmp_path: Path) -> None:
     partial_list.write_text("".join(line for line in rel.base_md5.read_text().splitlines(True) if "config" not in line))
     r = run("decode-legacy", rel.payload, "--base", rel.base, "-o", tmp_path / "out", "--base-md5", partial_list)
     assert_error(r, EXIT_USAGE, "does not name 1 of the 4 base files", "config.json")
+
+
+def test_check_base_leaves_out_what_decode_would(pair: Pair, delta: Path) -> None:
+    change_hub_files(pair.base)
+    r = run("decode", delta, "--base", pair.base, "--check-base")
+    assert r.exit_code == EXIT_VERIFY_FAILED and "generation_config.json" in r.stdout, r.output
+    r = run(
+        "decode", delta, "--base", pair.base, "--check-base",
+        "--skip-file", "generation_config.json", "--take-from-base", "tokenizer_config.json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "is the base this delta needs" in r.stdout

@@ -26,14 +26,33 @@ COMMIT_URL = "https://huggingface.co/me/ft-delta/commit/feedbeef"
 
 
 class FakeApi:
-    """Records create_repo and upload_folder, and what the folder holds at upload time."""
+    """Records create_repo and upload_folder, and what the folder holds at upload time.
 
-    def __init__(self, fail: BaseException | None = None, fail_at: str = "upload_folder") -> None:
+    ``model_info`` (a read, for the base card's license) answers ``base_license``,
+    or raises ``base_error``; it is recorded in ``queried``, not in ``calls``.
+    """
+
+    def __init__(
+        self,
+        fail: BaseException | None = None,
+        fail_at: str = "upload_folder",
+        base_license: str | None = None,
+        base_error: BaseException | None = None,
+    ) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.fail = fail
         self.fail_at = fail_at
         self.card = ""
         self.uploaded: list[str] = []
+        self.base_license = base_license
+        self.base_error = base_error
+        self.queried: list[str] = []
+
+    def model_info(self, repo_id: str, **kwargs: Any) -> SimpleNamespace:
+        self.queried.append(repo_id)
+        if self.base_error is not None:
+            raise self.base_error
+        return SimpleNamespace(card_data=SimpleNamespace(license=self.base_license))
 
     def _maybe_fail(self, name: str) -> None:
         if self.fail is not None and self.fail_at == name:

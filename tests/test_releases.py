@@ -286,3 +286,21 @@ def test_push_accepts_the_repos_page_url(delta: Path) -> None:
     push_to_hub(delta, "https://huggingface.co/me/ft-delta", api=api)
     assert api.calls[0][1]["repo_id"] == "me/ft-delta"
     assert "me/ft-delta" in (delta / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("given", "base_card", "error", "expected"),
+    [
+        (None, "llama2", None, "llama2"),  # the base card's license, when the Hub tells it
+        ("apache-2.0", "llama2", None, "apache-2.0"),  # --license wins
+        (None, None, None, None),  # the base card declares none
+        (None, "not a license id", None, None),  # nothing that is not a license id reaches the card
+        (None, "llama2", OSError("unreachable"), None),  # best effort: the push goes on without it
+    ],
+    ids=["from-base", "given-wins", "base-has-none", "base-garbage", "base-unreachable"],
+)
+def test_the_license_falls_back_to_the_base_cards(delta, given, base_card, error, expected):
+    api = FakeApi(base_license=base_card, base_error=error)
+    push_to_hub(delta, "me/ft-delta", api=api, license_id=given)
+    assert front_matter(api.card).get("license") == expected
+    assert api.queried == ([] if given else ["org/base"])

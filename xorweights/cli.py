@@ -502,7 +502,9 @@ def decode(
       xorweights decode my-delta --base base --check-base
     """
     if check_base:
-        problems = check_base_api(delta, base, progress=not quiet and not as_json)
+        problems = check_base_api(
+            delta, base, progress=not quiet and not as_json, skip_files=skip_files, take_from_base=take_from_base
+        )
         if as_json:
             _say_json({"base": base, "ok": not problems, "problems": problems})
         for p in problems if not as_json else []:

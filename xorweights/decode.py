@@ -810,16 +810,24 @@ def _converted_index(files: list[FileJob], checksums: Checksums, original: _Json
     return dump_json_like(index, original.text)
 
 
-def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> list[str]:
+def check_base(
+    delta: str | Path,
+    base: str | Path,
+    progress: bool = False,
+    skip_files: Sequence[str] = (),
+    take_from_base: Sequence[str] = (),
+) -> list[str]:
     """Hash every base tensor and referenced file the delta needs; write nothing.
 
     Returns one line per difference; an empty list means the base is the right one.
-    ``delta`` and ``base`` are folders or Hub repos, as for :func:`decode`.
+    ``delta`` and ``base`` are folders or Hub repos, as for :func:`decode`; the
+    files ``skip_files`` and ``take_from_base`` select are not checked, as decode would not.
     """
     delta, base, manifest = resolve_delta_and_base(delta, base, progress=progress)
+    skipped, taken = _leave_out(manifest, skip_files, take_from_base)
     mismatches: list[BaseMismatchError] = []
     with Checkpoint(base) as bs:
-        files = plan_decode(manifest, delta, bs, mismatches)
+        files = plan_decode(manifest, delta, bs, mismatches, leave_out=frozenset(skipped | taken))
         problems = [e.message for e in mismatches]
         base_files = set(bs.other_files())
         needed: dict[str, tuple[BaseTensor, TensorRef]] = {}
@@ -835,6 +843,8 @@ def check_base(delta: str | Path, base: str | Path, progress: bool = False) -> l
                 problems.append(f"base tensor {name}: expected xxh3-128 {want.xxh3}, found {found}")
         bar.close()
         for of in manifest.other_files:
+            if of.name in skipped | taken:
+                continue
             if of.mode == "reference" and of.name in base_files and bs.digest(of.name) != (of.size, of.sha256):
                 problems.append(f"base file {of.name}: sha256 differs from the base this delta was made from")
     return problems

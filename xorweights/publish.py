@@ -257,6 +257,22 @@ def release_files(delta: Path, manifest: Manifest) -> list[str]:
     return [MANIFEST_NAME, CARD_NAME, *declared]
 
 
+def base_license(api: HfApi, repo_id: str | None) -> str | None:
+    """The license the base repo's model card declares, when the Hub tells it; None otherwise.
+
+    Best effort: the card's ``license:`` is a convenience, so a base that is
+    private, gated, unreachable or declares none leaves it out.
+    """
+    if repo_id is None:
+        return None
+    try:
+        info = api.model_info(repo_id)
+    except CONNECTION_ERRORS + (HFValidationError,):
+        return None
+    found = getattr(getattr(info, "card_data", None), "license", None)
+    return found if isinstance(found, str) and _LICENSE_ID.fullmatch(found) else None
+
+
 def push_to_hub(
     delta: str | Path,
     repo_id: str,
@@ -281,11 +297,13 @@ def push_to_hub(
     manifest = load_manifest(delta)
     card = delta / CARD_NAME
     generate = not _releasers_card(card)
+    api = api or HfApi()
     if generate:  # over a link too: a link would upload whatever it points at
+        license_id = license_id or base_license(api, manifest.base.repo_id)
         text = model_card(manifest, summarize(manifest, delta_size(delta)), repo_id, license_id)
         write_file(card, _sealed(text).encode())
     try:
-        return _upload(delta, manifest, repo_id, private, api or HfApi())
+        return _upload(delta, manifest, repo_id, private, api)
     except BaseException:
         if generate:
             card.unlink(missing_ok=True)
