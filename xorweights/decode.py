@@ -537,12 +537,13 @@ def decode(
             raise
         with OutputDir(out) as od, FolderLock(od):
             refuse_overlap(out, inputs)  # again, now that OUT exists: it cannot have been swapped for an input
-            size, digest = InputFolder(delta).digest(delta / MANIFEST_NAME)  # which delta OUT's state is for
+            delta_in = InputFolder(delta)
+            size, digest = delta_in.digest(delta / MANIFEST_NAME)  # which delta OUT's state is for
             bar = byte_bar(sum(t.entry.nbytes for j in files for t in j.tensors), "decode", progress)
             codec = FrameCodec(manifest.compression)
             with (
                 DecodeState(od, digest, target_dtype, 2 * size + (1 << 20)) as state,
-                _Rebuilder(codec, InputFolder(delta), files, target_dtype, resolve_jobs(jobs), bar) as rebuilder,
+                _Rebuilder(codec, delta_in, files, target_dtype, resolve_jobs(jobs), bar) as rebuilder,
             ):
                 result = _rebuild_all(od, state, manifest, delta, bs, files, rebuilder, bar, others, taken)
             # A finished OUT holds the release only, so `hf upload OUT` never uploads our bookkeeping. A re-run

@@ -119,8 +119,9 @@ def _rebuild(
             if largest is not None:
                 _check_memory(size(largest), f"tensor {largest.name}")
         yield None  # type: ignore[misc]
+        delta_in = InputFolder(delta)
         for job in files:
-            with open_delta_file(InputFolder(delta), job.data_path, job.stored) as data:
+            with open_delta_file(delta_in, job.data_path, job.stored) as data:
                 src = 0
                 for tj in job.tensors:
                     out_dtype = target if target and tj.entry.dtype in FLOAT_CASTABLE else tj.entry.dtype
