@@ -50,7 +50,7 @@ def main() -> None:
             root = work / f"{files}"
             base, ft = layout(root, args.tensors, files)
             xorweights.encode(ft, base, root / "delta")
-            argv = [sys.executable, "-m", "xorweights.cli", "decode", str(root / "delta")]
+            argv = [sys.executable, "-m", "xorweights", "decode", str(root / "delta")]
             argv += ["--base", str(base), "-o", str(root / "out"), "-q"]
             start = time.perf_counter()
             subprocess.run(argv, check=True)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xorweights.dtypes import ITEMSIZE, cast_bytes
-from xorweights.kernel import DEFAULT_FRAME_BYTES, FrameCodec, frame_spans
+from xorweights.delta.kernel import DEFAULT_FRAME_BYTES, FrameCodec, frame_spans
+from xorweights.readers.dtypes import ITEMSIZE, cast_bytes
 
 # bench/ is a folder of scripts, not a package; synth is a sibling script.
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
-XW = [PY, "-m", "xorweights.cli"]
+XW = [PY, "-m", "xorweights"]
 GB = 10**9
 
 

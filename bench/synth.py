@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xorweights.safetensors_io import build_header
+from xorweights.readers.safetensors_io import build_header
 
 HIDDEN, INTERMEDIATE, VOCAB, ADDED = 4096, 11008, 32000, 16
 ROWS_PER_BLOCK = 1024

@@ -46,13 +46,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from xorweights import checksum, decode_state, encode, manifest, meta_llama, safetensors_io
+from xorweights import checksum, decode_state, encode
 from xorweights.decode_state import parse_state
+from xorweights.delta import manifest
+from xorweights.delta.manifest import MANIFEST_NAME, parse_manifest
 from xorweights.errors import CheckpointError, InputFileError, ManifestError, OutputError
 from xorweights.fixtures import make_pair
-from xorweights.manifest import MANIFEST_NAME, parse_manifest
-from xorweights.meta_llama import parse_params
-from xorweights.safetensors_io import build_header, parse_header
+from xorweights.readers import meta_llama, safetensors_io
+from xorweights.readers.meta_llama import parse_params
+from xorweights.readers.safetensors_io import build_header, parse_header
 
 
 @dataclass(frozen=True)

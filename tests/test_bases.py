@@ -16,8 +16,8 @@ from conftest import files_digest, run
 from safetensors.torch import load_file
 
 import xorweights
+from xorweights.delta.manifest import load_manifest
 from xorweights.fixtures import LlamaSpec, Tensor, make_base, make_finetune, side_files, write_checkpoint
-from xorweights.manifest import load_manifest
 
 TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 SPEC = LlamaSpec()

@@ -1,4 +1,4 @@
-"""The float casts of xorweights/dtypes.py against torch on this machine, over every 16-bit pattern.
+"""The float casts of xorweights/readers/dtypes.py against torch on this machine, over every 16-bit pattern.
 
 The guarantee (docs/format.md, "Casts between float dtypes"): every finite
 value and both infinities come out bit-identical to torch's ``tensor.to``; a
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from xorweights.dtypes import cast_bytes
+from xorweights.readers.dtypes import cast_bytes
 
 TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 BITS = {"F16": "<u2", "BF16": "<u2", "F32": "<u4"}

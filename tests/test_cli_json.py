@@ -14,8 +14,8 @@ from test_hub import Runner, one_error_line
 from test_legacy import _bin_pair, legacy_encode, md5_list
 
 from xorweights.cli import main
+from xorweights.delta.manifest import load_manifest
 from xorweights.fixtures import Pair
-from xorweights.manifest import load_manifest
 from xorweights.outdir import WORK_DIR
 
 SECRET = "hf_notarealtokenbutsecret0123456789"

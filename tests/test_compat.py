@@ -30,7 +30,7 @@ from transformers import (  # noqa: E402
 )
 
 import xorweights  # noqa: E402
-from xorweights.manifest import MANIFEST_NAME  # noqa: E402
+from xorweights.delta.manifest import MANIFEST_NAME  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "decoding.md"
 # from_pretrained's argument for the dtype: `torch_dtype` up to 4.55, `dtype` from 4.56 on (`torch_dtype` still works).

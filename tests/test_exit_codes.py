@@ -27,12 +27,12 @@ from test_publish import FakeApi, http_error
 import xorweights
 import xorweights.cli
 import xorweights.errors
-import xorweights.publish
+import xorweights.hub.publish
 from xorweights import progress
 from xorweights.cli import main, translate_errors
-from xorweights.entry import INTERRUPTED_EXIT
 from xorweights.errors import XorWeightsError
 from xorweights.fixtures import LlamaSpec, Pair, make_base, make_finetune, make_pair, side_files, write_checkpoint
+from xorweights.interrupts import INTERRUPTED_EXIT
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "decoding.md"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -138,7 +138,7 @@ def test_hub_push_failure_exits_4(delta: Path, monkeypatch: pytest.MonkeyPatch, 
     from huggingface_hub.errors import HfHubHTTPError
 
     api = FakeApi(http_error(HfHubHTTPError, status), "create_repo" if status == 401 else "upload_folder")
-    monkeypatch.setattr(xorweights.publish, "HfApi", lambda: api)
+    monkeypatch.setattr(xorweights.hub.publish, "HfApi", lambda: api)
     assert words in only_line(run("push", delta, "me/ft-delta"), HUB)
 
 

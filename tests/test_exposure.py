@@ -8,8 +8,8 @@ import numpy as np
 from conftest import files_digest, run
 
 import xorweights
+from xorweights.delta.manifest import MANIFEST_NAME
 from xorweights.fixtures import LlamaSpec, Tensor, make_base, make_finetune, side_files, write_checkpoint
-from xorweights.manifest import MANIFEST_NAME
 
 SPEC = LlamaSpec()
 

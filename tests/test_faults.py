@@ -31,7 +31,7 @@ def medium(tmp_path):
 
 
 def decode_cmd(delta: Path, base: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "xorweights.cli", "decode", str(delta), "--base", str(base), "-o", str(out), "-q"]
+    return [sys.executable, "-m", "xorweights", "decode", str(delta), "--base", str(base), "-o", str(out), "-q"]
 
 
 def test_a_stale_lock_names_the_dead_holder(tmp_path):

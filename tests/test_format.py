@@ -12,11 +12,11 @@ import torch
 from conftest import files_digest
 
 import xorweights
-from xorweights.dtypes import cast_bytes
+from xorweights.delta.kernel import FrameCodec, frame_spans, group_bytes, ungroup_bytes
+from xorweights.delta.manifest import load_checksums
 from xorweights.errors import DeltaCorruptError
-from xorweights.kernel import FrameCodec, frame_spans, group_bytes, ungroup_bytes
-from xorweights.manifest import load_checksums
-from xorweights.safetensors_io import SafetensorsFile, build_header
+from xorweights.readers.dtypes import cast_bytes
+from xorweights.readers.safetensors_io import SafetensorsFile, build_header
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("make_golden", ROOT / "tests" / "golden" / "make_golden.py")

@@ -39,7 +39,7 @@ from test_errors import (
 import xorweights
 from xorweights.fixtures import Pair
 from xorweights.outdir import OutputDir
-from xorweights.safetensors_io import MAX_HEADER_BYTES
+from xorweights.readers.safetensors_io import MAX_HEADER_BYTES
 
 INDEX = "model.safetensors.index.json"
 DATA1 = "tensors-00001.xwd"

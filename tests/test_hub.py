@@ -23,9 +23,10 @@ from hub_server import FakeHub, folder_files, serve
 from test_bases import write_bin_checkpoint
 
 import xorweights
+from xorweights.delta.manifest import load_manifest
 from xorweights.fixtures import LlamaSpec, Pair, make_base, make_pair
-from xorweights.hub import is_repo_id, parse_repo_ref
-from xorweights.manifest import load_manifest
+from xorweights.hub.refs import parse_repo_ref
+from xorweights.hub.resolve import is_repo_id
 
 TIMEOUT = 120  # seconds, for any one command or test
 CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens: a request that should not happen fails fast
@@ -67,7 +68,7 @@ class Runner:
         self, *args: object, endpoint: str = CLOSED_PORT, offline: bool = False
     ) -> subprocess.CompletedProcess:
         """``xorweights ARGS...``"""
-        return self.python("-m", "xorweights.cli", *args, endpoint=endpoint, offline=offline)
+        return self.python("-m", "xorweights", *args, endpoint=endpoint, offline=offline)
 
     def python(self, *args: object, endpoint: str = CLOSED_PORT, offline: bool = False) -> subprocess.CompletedProcess:
         """``python ARGS...`` with this cache, endpoint and offline mode."""

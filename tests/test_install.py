@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 
 import xorweights
 from tests.conftest import run
-from xorweights.dtypes import ITEMSIZE, SUBBYTE_BITS, TORCH_NAMES
 from xorweights.errors import CheckpointError, UsageError
 from xorweights.fixtures import Pair, make_pair
+from xorweights.readers.dtypes import ITEMSIZE, SUBBYTE_BITS, TORCH_NAMES
 from xorweights.torch_import import INSTALL_HINT
 
 BLOCKED = "import sys\nfor name in {modules!r}:\n    sys.modules[name] = None\n"
@@ -110,7 +110,7 @@ def test_load_state_dict_without_torch_names_the_extra(tmp_path: Path) -> None:
 
 
 def test_importing_xorweights_loads_no_torch() -> None:
-    code = "import xorweights, xorweights.cli, xorweights.checkpoint, xorweights.load\nprint(sorted(sys.modules))\n"
+    code = "import xorweights, xorweights.cli, xorweights.readers.checkpoint, xorweights.load\nprint(sorted(sys.modules))\n"
     done = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, check=True)
     loaded = eval(done.stdout)  # a list of module names
     assert "torch" not in loaded and "safetensors" not in loaded

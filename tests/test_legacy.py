@@ -387,7 +387,7 @@ def _bin_pair(root: Path) -> tuple[Path, Path]:
 
 
 def test_migrate_makes_a_per_tensor_delta(tmp_path: Path) -> None:
-    from xorweights.checkpoint import Checkpoint
+    from xorweights.readers.checkpoint import Checkpoint
 
     base, ft = _bin_pair(tmp_path)
     payload = tmp_path / "payload"

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import xorweights
+from xorweights.delta.manifest import load_manifest
 from xorweights.errors import BaseMismatchError, DeltaCorruptError, UsageError
 from xorweights.fixtures import LlamaSpec, Pair, make_pair
 from xorweights.load import iter_state_dict, load_state_dict
-from xorweights.manifest import load_manifest
-from xorweights.safetensors_io import SafetensorsFile
+from xorweights.readers.safetensors_io import SafetensorsFile
 
 SMALL = LlamaSpec(vocab=1024, hidden=16, intermediate=40, layers=1, heads=2)
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"

@@ -22,7 +22,7 @@ import torch
 
 from xorweights.errors import CheckpointError
 from xorweights.fixtures import LlamaSpec, make_base
-from xorweights.meta_llama import is_meta_checkpoint, open_meta
+from xorweights.readers.meta_llama import is_meta_checkpoint, open_meta
 
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 

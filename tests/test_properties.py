@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import xorweights
-from xorweights.dtypes import ITEMSIZE
+from xorweights.delta.kernel import FrameCodec, group_bytes, ungroup_bytes
+from xorweights.delta.manifest import load_checksums, parse_manifest
 from xorweights.errors import DeltaCorruptError, InputFileError, ManifestError
 from xorweights.fixtures import Tensor, write_checkpoint
-from xorweights.kernel import FrameCodec, group_bytes, ungroup_bytes
-from xorweights.manifest import load_checksums, parse_manifest
-from xorweights.safetensors_io import SafetensorsFile, build_header, parse_header
+from xorweights.readers.dtypes import ITEMSIZE
+from xorweights.readers.safetensors_io import SafetensorsFile, build_header, parse_header
 
 # Drawing from the cached sample manifest is slow only the first time it is made.
 SLOW_FIRST_DRAW = [HealthCheck.too_slow]

@@ -15,11 +15,11 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, Reposit
 from huggingface_hub.utils import filter_repo_objects
 
 import xorweights
-import xorweights.publish
+import xorweights.hub.publish
+from xorweights.delta.manifest import load_manifest
 from xorweights.errors import HubAuthError, HubError, XorWeightsError
 from xorweights.fixtures import make_pair
-from xorweights.manifest import load_manifest
-from xorweights.publish import model_card, push_to_hub
+from xorweights.hub.publish import model_card, push_to_hub
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 COMMIT_URL = "https://huggingface.co/me/ft-delta/commit/feedbeef"
@@ -102,7 +102,7 @@ def delta(tmp_path: Path) -> Path:
 def fake_hub(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
     """What the CLI reaches when it builds an HfApi."""
     api = FakeApi()
-    monkeypatch.setattr(xorweights.publish, "HfApi", lambda: api)
+    monkeypatch.setattr(xorweights.hub.publish, "HfApi", lambda: api)
     return api
 
 
@@ -271,7 +271,7 @@ def test_hub_errors_become_one_line_with_a_retry_command(delta, monkeypatch, err
     assert type(info.value) is kind
     # The CLI: one line, exit 1, and the delta still complete on disk.
     api = FakeApi(error, at)
-    monkeypatch.setattr(xorweights.publish, "HfApi", lambda: api)
+    monkeypatch.setattr(xorweights.hub.publish, "HfApi", lambda: api)
     r = run("push", delta, "me/ft-delta", "--private")
     assert r.exit_code == 4
     lines = r.stderr.strip().splitlines()
@@ -286,7 +286,7 @@ def test_hub_errors_become_one_line_with_a_retry_command(delta, monkeypatch, err
 def test_encode_then_a_failed_push_keeps_the_delta_and_says_how_to_push_it(tmp_path, monkeypatch):
     pair = make_pair(tmp_path)
     api = FakeApi(http_error(HfHubHTTPError, 401), "create_repo")
-    monkeypatch.setattr(xorweights.publish, "HfApi", lambda: api)
+    monkeypatch.setattr(xorweights.hub.publish, "HfApi", lambda: api)
     out = tmp_path / "delta"
     r = run("encode", pair.finetuned, "--base", pair.base, "-o", out, "--push-to-hub", "me/ft-delta")
     assert r.exit_code == 4

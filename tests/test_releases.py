@@ -13,13 +13,13 @@ from test_hub import SHA_DELTA, Runner, _bounded, released  # noqa: F401  (fixtu
 from test_publish import REVISION, FakeApi, http_error
 
 import xorweights
-import xorweights.publish
+import xorweights.hub.publish
+from xorweights.delta.manifest import load_manifest
 from xorweights.encode_plan import NEVER_SHIPPED, never_shipped
 from xorweights.errors import HubAuthError, UsageError
 from xorweights.fixtures import make_pair
-from xorweights.hub import parse_repo_ref
-from xorweights.manifest import load_manifest
-from xorweights.publish import push_to_hub
+from xorweights.hub.publish import push_to_hub
+from xorweights.hub.refs import parse_repo_ref
 
 # What a Trainer run (with TensorBoard, W&B and DeepSpeed) leaves in an output folder.
 LEFTOVERS = {
@@ -183,7 +183,7 @@ def test_a_card_the_releaser_edited_is_kept_for_every_push(delta):
 
 def test_license_reaches_the_card_from_push_and_encode(delta, tmp_path, monkeypatch):
     api = FakeApi()
-    monkeypatch.setattr(xorweights.publish, "HfApi", lambda: api)
+    monkeypatch.setattr(xorweights.hub.publish, "HfApi", lambda: api)
     r = run("push", delta, "me/ft-delta", "--license", "llama3.1")
     assert r.exit_code == 0, r.stderr
     assert front_matter(api.card)["license"] == "llama3.1"
@@ -205,7 +205,7 @@ def test_license_reaches_the_card_from_push_and_encode(delta, tmp_path, monkeypa
 @pytest.mark.parametrize("bad", ["apache 2.0", "mit\nbase_model: evil/x", '"x"', "-x", ""])
 def test_a_license_that_is_not_an_id_is_refused_before_any_work(pair, tmp_path, monkeypatch, bad):
     api = FakeApi()
-    monkeypatch.setattr(xorweights.publish, "HfApi", lambda: api)
+    monkeypatch.setattr(xorweights.hub.publish, "HfApi", lambda: api)
     r = run(
         "encode", pair.finetuned, "--base", pair.base, "-o", tmp_path / "d", "--push-to-hub", "me/x", "--license", bad
     )
@@ -213,7 +213,7 @@ def test_a_license_that_is_not_an_id_is_refused_before_any_work(pair, tmp_path, 
     assert "is not a Hub license id" in r.stderr and r.stderr.count("\n") == 1
     assert api.calls == [] and not (tmp_path / "d").exists()
     with pytest.raises(UsageError):
-        xorweights.publish.check_license(bad)
+        xorweights.hub.publish.check_license(bad)
 
 
 def test_license_without_push_to_hub_is_refused(pair, tmp_path):

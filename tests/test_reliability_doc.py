@@ -57,7 +57,7 @@ import xorweights
 from xorweights.decode_state import STATE_NAME
 from xorweights.errors import OutputError
 from xorweights.fixtures import LlamaSpec, Pair, make_pair
-from xorweights.manifest import MAX_MANIFEST_BYTES, MAX_MANIFEST_VALUES
+from xorweights.inputs import MAX_MANIFEST_BYTES, MAX_MANIFEST_VALUES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -408,7 +408,7 @@ def kill_9(root: Path, kills: int) -> dict[str, int]:
     delta = root / "delta"
     xorweights.encode(pair.finetuned, pair.base, delta, frame_bytes=4096)
     want, out = files_digest(pair.finetuned), root / "out"
-    cmd = [sys.executable, "-m", "xorweights.cli", "decode", str(delta), "--base", str(pair.base), "-o", str(out), "-q"]
+    cmd = [sys.executable, "-m", "xorweights", "decode", str(delta), "--base", str(pair.base), "-o", str(out), "-q"]
     rng, wrong = random.Random(1234), 0
     for _ in range(kills):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

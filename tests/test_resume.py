@@ -8,8 +8,8 @@ import pytest
 from conftest import files_digest, partials, run
 
 import xorweights
+from xorweights.delta.manifest import MANIFEST_NAME, load_manifest
 from xorweights.encode import _Encoder
-from xorweights.manifest import MANIFEST_NAME, load_manifest
 from xorweights.outdir import OutputDir
 
 # The module itself: ``xorweights.decode`` is the function.

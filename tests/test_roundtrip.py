@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import xorweights
+from xorweights.delta.manifest import MANIFEST_NAME, load_manifest
 from xorweights.fixtures import LlamaSpec, make_base, side_files, write_checkpoint
-from xorweights.manifest import MANIFEST_NAME, load_manifest
 
 SMALL = LlamaSpec(vocab=1024, hidden=16, intermediate=40, layers=1, heads=2)  # added rows stay under 1%
 

@@ -29,8 +29,8 @@ from test_meta_llama import hf_tensors, spec, write_meta
 
 from xorweights.errors import CheckpointError, InputFileError, XorWeightsError
 from xorweights.legacy import GUNZIP_MARGIN_BYTES, LegacyFile, decode_legacy, gunzip_limit, xor_file
-from xorweights.meta_llama import PARAMS_MAX_BYTES, open_meta, parse_params
-from xorweights.torch_pickle import open_pickle
+from xorweights.readers.meta_llama import PARAMS_MAX_BYTES, open_meta, parse_params
+from xorweights.readers.torch_pickle import open_pickle
 
 MB = 1 << 20
 

@@ -32,14 +32,14 @@ from test_errors import edit_manifest, entry
 
 import xorweights
 import xorweights.cli
-import xorweights.entry as entry_module
-from xorweights.entry import INTERRUPTED, INTERRUPTED_EXIT
+import xorweights.interrupts as entry_module
+from xorweights.delta.manifest import load_manifest
+from xorweights.delta.summary import summarize
 from xorweights.errors import XorWeightsWarning
 from xorweights.fixtures import LlamaSpec, Pair, make_pair
-from xorweights.manifest import load_manifest
+from xorweights.hub.publish import model_card
+from xorweights.interrupts import INTERRUPTED, INTERRUPTED_EXIT
 from xorweights.printable import printable
-from xorweights.publish import model_card
-from xorweights.report import summarize
 
 PACKAGE = Path(xorweights.__file__).parent
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"

@@ -29,7 +29,7 @@ from xorweights import decode_state
 from xorweights.decode_state import STATE_NAME, parse_state
 from xorweights.errors import NotEnoughMemoryError, OutputError
 from xorweights.fixtures import Pair
-from xorweights.manifest import MAX_MANIFEST_BYTES, MAX_MANIFEST_VALUES
+from xorweights.inputs import MAX_MANIFEST_BYTES, MAX_MANIFEST_VALUES
 from xorweights.outdir import OutputDir
 
 SECRET = b"the releaser's private key\n"

@@ -11,14 +11,14 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import Checkpoint
+from .delta.kernel import DEFAULT_FRAME_BYTES, new_tensor_hash
+from .delta.manifest import CHECKSUMS_NAME, Checksums, FileSum, TensorSum, load_checksums, load_manifest
 from .errors import UsageError
-from .hub import resolve
-from .kernel import DEFAULT_FRAME_BYTES, new_tensor_hash
-from .manifest import CHECKSUMS_NAME, Checksums, FileSum, TensorSum, load_checksums, load_manifest
+from .hub.resolve import resolve
 from .outdir import write_file
 from .overlap import refuse_overlap
 from .progress import byte_bar
+from .readers.checkpoint import Checkpoint
 
 
 def scan(path: Path, progress: bool = False) -> Checksums:

@@ -21,17 +21,17 @@ from .checksums import checksum as checksum_api
 from .checksums import verify as verify_api
 from .decode import check_base as check_base_api
 from .decode import decode as decode_api
-from .dtypes import NAMED
+from .delta.kernel import DEFAULT_FRAME_BYTES
+from .delta.manifest import MANIFEST_NAME
+from .delta.summary import DeltaSummary, summarize
 from .encode import EncodeResult
 from .encode import encode as encode_api
-from .entry import INTERRUPTED, INTERRUPTED_EXIT, ignore_interrupts, interruptible, was_interrupted
 from .errors import EXIT_INTERNAL, EXIT_OS, EXIT_VERIFY_FAILED, UsageError, XorWeightsError, XorWeightsWarning
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, enforce, report_lines
-from .hub import at_revision, hub_token
-from .kernel import DEFAULT_FRAME_BYTES
-from .manifest import MANIFEST_NAME
+from .hub.refs import at_revision, hub_token
+from .interrupts import INTERRUPTED, INTERRUPTED_EXIT, ignore_interrupts, interruptible, was_interrupted
 from .printable import printable
-from .report import DeltaSummary, summarize
+from .readers.dtypes import NAMED
 from .report import inspect as inspect_api
 from .sizes import human_bytes
 
@@ -160,7 +160,7 @@ def hub_options(target: str, what: str) -> Callable[[F], F]:
     """``--revision`` for the Hub repo in the parameter ``target`` and ``--token``, as `hf download` has them.
 
     Goes below ``translate_errors``, so a conflicting ``@rev`` is one usage line.
-    The token is handed to huggingface_hub (see :func:`xorweights.hub.hub_token`), never printed.
+    The token is handed to huggingface_hub (see :func:`xorweights.hub.refs.hub_token`), never printed.
     """
 
     def decorate(fn: F) -> F:
@@ -301,7 +301,7 @@ def encode(
     if license_id is not None and not push_to_hub:
         raise click.UsageError("--license applies to --push-to-hub REPO; pass both")
     if push_to_hub:
-        from .publish import check_license, check_repo_id
+        from .hub.publish import check_license, check_repo_id
 
         push_to_hub = check_repo_id(push_to_hub)
         if license_id is not None:
@@ -364,7 +364,7 @@ def _echo_encoded(out: Path, result: EncodeResult) -> None:
 
 
 def _push(delta: Path, repo_id: str, private: bool, license_id: str | None, quiet: bool = False) -> str:
-    from .publish import push_to_hub
+    from .hub.publish import push_to_hub
 
     url = push_to_hub(delta, repo_id, private=private, license_id=license_id)
     if not quiet:
@@ -827,9 +827,3 @@ def migrate(
         f"wrote {out}: per-tensor delta of {human_bytes(result.delta_bytes)} against the legacy payload's "
         f"{human_bytes(result.legacy_bytes)} ({change})"
     )
-
-
-if __name__ == "__main__":  # python -m xorweights.cli: the same as the xorweights command
-    from xorweights.entry import main as entry
-
-    entry()

@@ -25,19 +25,12 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from .base_stream import _EMPTY, BaseStream
-from .checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
 from .decode_state import STATE_NAME, DecodeState, Finished
-from .dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, TORCH_NAMES, cast_bytes
-from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
-from .hub import resolve_delta_and_base
-from .inputs import InputFolder, sha256_exact
-from .kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash
-from .locks import LOCK_NAME, FolderLock
-from .manifest import (
+from .delta.base_stream import _EMPTY, BaseStream
+from .delta.kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash
+from .delta.manifest import (
     CHECKSUMS_NAME,
     MANIFEST_NAME,
-    MAX_MANIFEST_BYTES,
     SHIPPED_DIR,
     BaseTensor,
     Checksums,
@@ -47,14 +40,20 @@ from .manifest import (
     TensorEntry,
     TensorSum,
     WeightFile,
-    load_json,
+    open_delta_file,
     parse_checksums,
 )
+from .delta.pipeline import BackgroundHash, BufferPool, ordered, resolve_jobs
+from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
+from .hub.resolve import resolve_delta_and_base
+from .inputs import MAX_MANIFEST_BYTES, InputFolder, load_json, sha256_exact
+from .locks import LOCK_NAME, FolderLock
 from .outdir import OutputDir, start_writeback
 from .overlap import refuse_overlap
-from .pipeline import BackgroundHash, BufferPool, ordered, resolve_jobs
 from .progress import byte_bar
-from .safetensors_io import TensorInfo, build_header, parse_header
+from .readers.checkpoint import SAFETENSORS_INDEX, Checkpoint, TensorRef
+from .readers.dtypes import FLOAT_CASTABLE, ITEMSIZE, NAMED, TORCH_NAMES, cast_bytes
+from .readers.safetensors_io import TensorInfo, build_header, parse_header
 from .sizes import human_bytes
 
 LOSSY_BF16_HINT = (
@@ -188,22 +187,6 @@ def plan_decode(
         if of.mode == "ship":
             open_delta_file(folder, delta / SHIPPED_DIR / of.name, of.size).close()
     return files
-
-
-def open_delta_file(folder: InputFolder, path: Path, size: int) -> BinaryIO:
-    """A file of the delta, opened only if it is a regular file inside it of exactly the size the manifest declares."""
-    try:
-        f, found = folder.open(path)
-    except FileNotFoundError:
-        raise DeltaCorruptError(
-            f"{path}: missing; the delta is incomplete", "re-download the whole delta folder"
-        ) from None
-    if found != size:
-        f.close()
-        raise DeltaCorruptError(
-            f"{path}: expected {size} bytes, found {found}", "the delta is truncated or damaged; re-download it"
-        )
-    return f
 
 
 # ---------------------------------------------------------------- execute
@@ -515,7 +498,7 @@ def decode(
     checksums are recorded in ``out/xorweights-checksums.json`` for `verify`.
     ``jobs`` threads rebuild frames (default: one per core); the bytes do not
     depend on it. ``delta`` and ``base`` are folders or Hub repos,
-    ``org/name[@revision]`` (see :mod:`xorweights.hub`).
+    ``org/name[@revision]`` (see :mod:`xorweights.hub.resolve`).
 
     The non-tensor files taken from the base are checked before any weight is
     written. ``skip_files`` globs (fnmatch on the relative path) leave non-tensor

@@ -17,10 +17,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .dtypes import ITEMSIZE
+from .delta.manifest import TensorSum
 from .errors import OutputError
-from .manifest import TensorSum
 from .outdir import WORK_DIR, OutputDir
+from .readers.dtypes import ITEMSIZE
 
 STATE_NAME = "decode-state.jsonl"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from .checksums import verify
 from .decode import decode
+from .delta.kernel import sha256_file
+from .delta.summary import summarize
 from .encode import encode
 from .errors import OutputError, UnprotectedError, VerifyFailed
 from .fixtures import LlamaSpec, make_base, make_pair, side_files, write_checkpoint
-from .kernel import sha256_file
-from .report import summarize
 
 # Everything the demo creates in its folder, by name; the marker says a folder is the demo's own.
 MARKER = ".xorweights-demo"

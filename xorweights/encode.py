@@ -16,17 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .base_stream import _EMPTY, BaseStream
-from .checkpoint import Checkpoint
-from .encode_plan import EncodePlan, FilePlan, TensorPlan, plan_encode
-from .errors import InputFileError, OutputError, UsageError, XorWeightsError
-from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, Exposure, assess, enforce
-from .hub import resolve_checkpoint
-from .kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash
-from .locks import LOCK_NAME, FolderLock
-from .manifest import (
+from .delta.base_stream import _EMPTY, BaseStream
+from .delta.kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash
+from .delta.manifest import (
     MANIFEST_NAME,
-    MAX_MANIFEST_BYTES,
     SHIPPED_DIR,
     BaseRef,
     BaseTensor,
@@ -38,11 +31,18 @@ from .manifest import (
     parse_manifest,
     parse_weight_file,
 )
+from .delta.pipeline import BufferPool, ordered, resolve_jobs
+from .delta.summary import delta_size
+from .encode_plan import EncodePlan, FilePlan, TensorPlan, plan_encode
+from .errors import InputFileError, OutputError, UsageError, XorWeightsError
+from .exposure import DEFAULT_MAX_UNPROTECTED_PCT, Exposure, assess, enforce
+from .hub.resolve import resolve_checkpoint
+from .inputs import MAX_MANIFEST_BYTES
+from .locks import LOCK_NAME, FolderLock
 from .outdir import WORK_DIR, OutputDir
 from .overlap import refuse_overlap
-from .pipeline import BufferPool, ordered, resolve_jobs
 from .progress import byte_bar
-from .report import delta_size
+from .readers.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)

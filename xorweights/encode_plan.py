@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, TensorRef, is_foreign_weight
-from .dtypes import can_cast
-from .manifest import DATA_SUFFIX, OtherFile
+from .delta.manifest import DATA_SUFFIX, OtherFile
+from .readers.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, TensorRef, is_foreign_weight
+from .readers.dtypes import can_cast
+from .readers.safetensors_io import build_header
 from .renames import auto_renames, base_name_map
-from .safetensors_io import build_header
 
 # What a training run leaves beside the weights, never part of a release, and
 # why: optimizer and scheduler states are as large as the weights and derived

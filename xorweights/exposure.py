@@ -14,9 +14,9 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
-from .checkpoint import Checkpoint, TensorRef
 from .encode_plan import EncodePlan
 from .errors import UnprotectedError
+from .readers.checkpoint import Checkpoint, TensorRef
 from .renames import KNOWN_PREFIXES
 from .sizes import human_bytes
 

@@ -3,7 +3,7 @@
 Used by ``xorweights demo``, the tests and the golden checksums. Randomness
 comes from PCG64's raw 64-bit output (fixed by the algorithm, unlike numpy's
 ``Generator`` distributions) and every float is made by exact arithmetic
-followed by the casts in :mod:`xorweights.dtypes`.
+followed by the casts in :mod:`xorweights.readers.dtypes`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dtypes import cast_bytes
-from .safetensors_io import build_header
+from .readers.dtypes import cast_bytes
+from .readers.safetensors_io import build_header
 
 
 @dataclass(frozen=True)

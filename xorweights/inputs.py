@@ -24,12 +24,13 @@ user's business. So is a single file named directly.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from .errors import InputFileError
+from .errors import InputFileError, ManifestError
 
 # huggingface_hub names a repo's cache folder by its kind: models--org--name, datasets--..., spaces--...
 _CACHE_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
@@ -161,3 +162,29 @@ def sha256_exact(f: BinaryIO, size: int, where: Path, sink: BinaryIO | None = No
     if f.read(1):
         raise InputFileError(f"{where}: holds more than its {size} bytes (it changed while read)", "re-download it")
     return h.hexdigest()
+
+
+# JSON from a stranger (a manifest, an index, a state) is read whole into memory, so it is capped before a byte is
+# parsed: at 64 MiB, and at 8 million JSON values. The second cap is the one
+# that bounds memory: Python holds each value in 40-70 bytes however short its
+# text (``[[],[],...]`` takes 20x its size as lists), so 8 million values stay
+# under about 0.6 GB. Values are counted by the characters that introduce them
+# (``,`` ``:`` ``[`` ``{``); ours have about 60 per tensor, headers included,
+# so the caps hold about 130,000 tensors.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_MANIFEST_VALUES = 8_000_000
+
+
+def load_json(text: str, where: str, cap: int = MAX_MANIFEST_BYTES) -> Any:
+    """Parse JSON from a stranger, refusing text longer than ``cap`` or with more values than parse in bounded memory."""
+    if len(text) > cap:
+        raise ManifestError(
+            f"{where}: {len(text)} characters, more than the {cap} allowed", "the file is damaged or hostile"
+        )
+    values = sum(text.count(c) for c in ",:[{")
+    if values > MAX_MANIFEST_VALUES:
+        raise ManifestError(
+            f"{where}: about {values} JSON values, more than the {MAX_MANIFEST_VALUES} xorweights parses",
+            "the file is damaged or hostile",
+        )
+    return json.loads(text)

@@ -40,13 +40,13 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from .delta.kernel import xor_into
+from .delta.manifest import MANIFEST_NAME
 from .encode import EncodeResult, encode
 from .errors import BaseMismatchError, InputFileError, OutputError, UsageError, VerifyFailed
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT
 from .inputs import InputFolder
-from .kernel import xor_into
 from .locks import FolderLock
-from .manifest import MANIFEST_NAME
 from .outdir import WORK_DIR, OutputDir
 from .overlap import refuse_overlap
 from .progress import byte_bar

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base_stream import BaseStream
-from .checkpoint import Checkpoint
-from .decode import TensorJob, check_tensor, named_dtype, open_delta_file, plan_decode
-from .dtypes import FLOAT_CASTABLE, ITEMSIZE, TORCH_NAMES, cast_bytes
+from .decode import TensorJob, check_tensor, named_dtype, plan_decode
+from .delta.base_stream import BaseStream
+from .delta.kernel import FrameCodec, new_tensor_hash
+from .delta.manifest import Manifest, TensorEntry, open_delta_file
 from .errors import NotEnoughMemoryError
-from .hub import resolve_delta_and_base
+from .hub.resolve import resolve_delta_and_base
 from .inputs import InputFolder
-from .kernel import FrameCodec, new_tensor_hash
-from .manifest import Manifest, TensorEntry
+from .readers.checkpoint import Checkpoint
+from .readers.dtypes import FLOAT_CASTABLE, ITEMSIZE, TORCH_NAMES, cast_bytes
 from .sizes import human_bytes
 from .torch_import import require_torch
 

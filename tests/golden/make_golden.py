@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 import xorweights
+from xorweights.delta.manifest import DELTA_VERSION, load_checksums
 from xorweights.fixtures import LlamaSpec, make_pair
-from xorweights.manifest import DELTA_VERSION, load_checksums
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_SPEC = LlamaSpec(vocab=32, hidden=16, intermediate=40, layers=1, heads=2)

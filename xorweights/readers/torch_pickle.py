@@ -31,9 +31,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from ..errors import CheckpointError
+from ..torch_import import require_torch
 from .dtypes import TORCH_NAMES
-from .errors import CheckpointError
-from .torch_import import require_torch
+from .tensor_ref import TensorRef
 
 # str(tensor.dtype) -> safetensors dtype, for every torch dtype xorweights handles.
 TORCH_DTYPES = {f"torch.{name}": dtype for dtype, name in TORCH_NAMES.items()}
@@ -306,8 +307,6 @@ class TorchTensorSource:
 
 def open_pickle(path: Path) -> tuple[list[Any], Callable[[], None]]:
     """TensorRefs for every tensor of a .bin file, in the file's order, and a close function."""
-    from .checkpoint import TensorRef
-
     weights, mapped = load_weights(path, "get the weights as safetensors, or re-download the .bin files")
     refs = []
     for name, tensor in weights.items():

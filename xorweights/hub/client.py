@@ -21,8 +21,8 @@ from huggingface_hub.utils import (
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from .errors import HubDownloadError
-from .hub import Resolved, current_token
+from ..errors import HubDownloadError
+from .refs import Resolved, current_token
 
 # The HTTP client's own errors (a refused connection, a proxy, TLS): httpx's
 # and requests' HTTPError both sit in HfHubHTTPError's bases, whichever the

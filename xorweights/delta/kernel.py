@@ -18,7 +18,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .errors import DeltaCorruptError
+from ..errors import DeltaCorruptError
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 DEFAULT_FRAME_BYTES = 16 * 1024 * 1024

@@ -14,15 +14,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from .dtypes import ITEMSIZE
-from .errors import CheckpointError, ManifestError
-from .inputs import InputFolder
-from .manifest import MAX_MANIFEST_BYTES, load_json
+from ..errors import CheckpointError, ManifestError
+from ..inputs import MAX_MANIFEST_BYTES, InputFolder, load_json
 from .safetensors_io import SafetensorsFile, TensorInfo
+from .tensor_ref import TensorRef
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -39,34 +37,6 @@ FOREIGN_WEIGHT_PATTERNS = (
     "flax_model*.msgpack",
     "*.onnx",
 )
-
-
-class TensorSource(Protocol):
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Raw bytes ``[start, stop)`` of the tensor as ``uint8``."""
-
-    def release(self, start: int, stop: int) -> None:
-        """Let go of the memory behind a range already consumed."""
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    source: TensorSource
-    where: str  # the file that holds it, for messages
-
-    @property
-    def itemsize(self) -> int:
-        return ITEMSIZE[self.dtype]
-
-    @property
-    def nbytes(self) -> int:
-        n = self.itemsize
-        for d in self.shape:
-            n *= d
-        return n
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..errors import CheckpointError, InputFileError
+from ..inputs import InputFolder
 from .dtypes import ITEMSIZE, unsupported
-from .errors import CheckpointError, InputFileError
-from .inputs import InputFolder
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ALIGN = 8

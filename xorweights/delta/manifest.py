@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
-from . import __version__
-from .dtypes import ITEMSIZE, can_cast
-from .errors import ManifestError
-from .inputs import InputFolder
+from .. import __version__
+from ..errors import DeltaCorruptError, ManifestError
+from ..inputs import MAX_MANIFEST_BYTES, InputFolder, load_json
+from ..readers.dtypes import ITEMSIZE, can_cast
 
 DELTA_FORMAT = "xorweights-delta"
 DELTA_VERSION = 2  # 2 added "exposure"; every version back to 1 still decodes
@@ -28,16 +28,6 @@ CHECKSUMS_NAME = "xorweights-checksums.json"  # written into OUT by decode --dty
 CHECKSUM_VERSION = 2  # 2 added the optional "source" of a converted decode; 1 still reads
 
 METHODS = ("xor", "partial_xor", "raw")
-
-# A manifest is read whole into memory, so it is capped before a byte is
-# parsed: at 64 MiB, and at 8 million JSON values. The second cap is the one
-# that bounds memory: Python holds each value in 40-70 bytes however short its
-# text (``[[],[],...]`` takes 20x its size as lists), so 8 million values stay
-# under about 0.6 GB. Values are counted by the characters that introduce them
-# (``,`` ``:`` ``[`` ``{``); ours have about 60 per tensor, headers included,
-# so the caps hold about 130,000 tensors.
-MAX_MANIFEST_BYTES = 64 << 20
-MAX_MANIFEST_VALUES = 8_000_000
 
 
 @dataclass(frozen=True)
@@ -285,21 +275,6 @@ def parse_weight_file(obj: Any, where: str) -> WeightFile:
     return wf
 
 
-def load_json(text: str, where: str, cap: int = MAX_MANIFEST_BYTES) -> Any:
-    """Parse JSON from a stranger, refusing text longer than ``cap`` or with more values than parse in bounded memory."""
-    if len(text) > cap:
-        raise ManifestError(
-            f"{where}: {len(text)} characters, more than the {cap} allowed", "the file is damaged or hostile"
-        )
-    values = sum(text.count(c) for c in ",:[{")
-    if values > MAX_MANIFEST_VALUES:
-        raise ManifestError(
-            f"{where}: about {values} JSON values, more than the {MAX_MANIFEST_VALUES} xorweights parses",
-            "the file is damaged or hostile",
-        )
-    return json.loads(text)
-
-
 def parse_manifest(text: str, where: str) -> Manifest:
     """Parse and validate a delta manifest."""
     try:
@@ -483,3 +458,19 @@ def parse_checksums(text: str, where: str) -> Checksums:
         sr.done()
     r.done()
     return out
+
+
+def open_delta_file(folder: InputFolder, path: Path, size: int) -> BinaryIO:
+    """A file of the delta, opened only if it is a regular file inside it of exactly the size the manifest declares."""
+    try:
+        f, found = folder.open(path)
+    except FileNotFoundError:
+        raise DeltaCorruptError(
+            f"{path}: missing; the delta is incomplete", "re-download the whole delta folder"
+        ) from None
+    if found != size:
+        f.close()
+        raise DeltaCorruptError(
+            f"{path}: expected {size} bytes, found {found}", "the delta is truncated or damaged; re-download it"
+        )
+    return f

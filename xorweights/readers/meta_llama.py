@@ -28,15 +28,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import CheckpointError
+from ..torch_import import require_torch
 from .dtypes import FLOAT_CASTABLE, ITEMSIZE
-from .errors import CheckpointError
-from .torch_import import require_torch
+from .tensor_ref import TensorRef
 from .torch_pickle import TORCH_DTYPES, TorchTensorSource, load_weights
 
 if TYPE_CHECKING:
     import torch
-
-    from .checkpoint import TensorRef
 
 PARAMS = "params.json"
 SHARD_GLOB = "consolidated.*.pth"
@@ -102,8 +101,6 @@ def open_meta(folder: Path) -> tuple[dict[str, TensorRef], Callable[[], None]]:
     Raises :class:`CheckpointError` for anything that is not Meta's layout,
     including a pickle that holds more than weights.
     """
-    from .checkpoint import TensorRef  # checkpoint imports this module to open Meta folders
-
     folder = Path(folder)
     params = _read_params(folder / PARAMS)
     paths = sorted(p for p in folder.glob(SHARD_GLOB) if not p.name.startswith("."))

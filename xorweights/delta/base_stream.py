@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import TensorRef
-from .dtypes import ITEMSIZE, cast_bytes
+from ..readers.checkpoint import TensorRef
+from ..readers.dtypes import ITEMSIZE, cast_bytes
 from .kernel import DEFAULT_FRAME_BYTES, new_tensor_hash
 
 _EMPTY = np.empty(0, dtype=np.uint8)

@@ -25,15 +25,14 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
-from .decode import open_delta_file
-from .errors import HubAuthError, HubError, InputFileError, UsageError
-from .hub import repo_id_of
-from .hub_client import CONNECTION_ERRORS
-from .inputs import InputFolder
-from .manifest import MANIFEST_NAME, SHIPPED_DIR, Manifest, load_manifest
-from .outdir import write_file
-from .printable import printable
-from .report import DeltaSummary, delta_size, summarize
+from ..delta.manifest import MANIFEST_NAME, SHIPPED_DIR, Manifest, load_manifest, open_delta_file
+from ..delta.summary import DeltaSummary, delta_size, summarize
+from ..errors import HubAuthError, HubError, InputFileError, UsageError
+from ..inputs import InputFolder
+from ..outdir import write_file
+from ..printable import printable
+from .client import CONNECTION_ERRORS
+from .refs import repo_id_of
 
 CARD_NAME = "README.md"  # not listed in the manifest; decode ignores it
 # Encode's resume records (.xorweights/) and partial files (.NAME.xorweights-partial,

@@ -1,0 +1,1 @@
+"""The Hugging Face Hub: resolving repo ids to local snapshots, the client calls, and publishing."""
