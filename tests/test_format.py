@@ -12,7 +12,8 @@ import torch
 from conftest import files_digest
 
 import xorweights
-from xorweights.delta.kernel import FrameCodec, frame_spans, group_bytes, ungroup_bytes
+from xorweights.delta.coding import LITERAL_XOR, NO_BASE, decode_into
+from xorweights.delta.kernel import FrameCodec, frame_spans, group_bytes
 from xorweights.delta.manifest import load_checksums
 from xorweights.errors import DeltaCorruptError
 from xorweights.readers.dtypes import cast_bytes
@@ -42,6 +43,28 @@ def test_every_golden_delta_still_decodes(tmp_path, version):
     assert files_digest(out) == files_digest(pair.finetuned)
     want = load_checksums(ROOT / "checksums" / "fixtures" / "golden-finetuned.json")
     assert {n: f.sha256 for n, f in want.files.items()} == files_digest(out)
+
+
+@pytest.mark.parametrize("version", sorted(p.name for p in (ROOT / "tests" / "golden").glob("v*")))
+def test_every_golden_delta_loads_verifies_and_inspects(tmp_path, version):
+    from safetensors.torch import load_file
+
+    pair = make_golden.golden_pair(tmp_path / "pair")
+    delta = ROOT / "tests" / "golden" / version
+    state = xorweights.load_state_dict(delta, pair.base)
+    want = {k: v for f in sorted(pair.finetuned.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert state.keys() == want.keys()
+    assert all(state[k].dtype == want[k].dtype and torch.equal(state[k], want[k]) for k in want)
+    assert xorweights.verify(pair.finetuned, delta=delta).ok
+    assert xorweights.inspect(delta).format_version == int(version[1:])
+
+
+def test_the_golden_deltas_cover_every_format_version():
+    from xorweights.delta.manifest import DELTA_VERSION
+
+    assert sorted(p.name for p in (ROOT / "tests" / "golden").glob("v*")) == [
+        f"v{n}" for n in range(1, DELTA_VERSION + 1)
+    ]
 
 
 def test_header_writer_golden_bytes():
@@ -74,7 +97,7 @@ def test_group_bytes_round_trip_and_layout(width):
     grouped = group_bytes(data, width)
     assert list(grouped[:5]) == list(range(0, width * 5, width))  # all first bytes first
     out = np.empty_like(data)
-    ungroup_bytes(grouped, width, out)
+    decode_into(LITERAL_XOR, grouped[: len(out)], out, NO_BASE, width)
     assert np.array_equal(out, data)
 
 

@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import xorweights
-from xorweights.delta.kernel import FrameCodec, group_bytes, ungroup_bytes
+from xorweights.delta.coding import LITERAL_XOR, NO_BASE, decode_into
+from xorweights.delta.kernel import FrameCodec, group_bytes
 from xorweights.delta.manifest import load_checksums, parse_manifest
 from xorweights.errors import DeltaCorruptError, InputFileError, ManifestError
 from xorweights.fixtures import Tensor, write_checkpoint
@@ -166,7 +167,7 @@ def test_frame_codec_and_byte_grouping_round_trip(raw: bytes, width: int, compre
     # Byte k of every little-endian element, for k = 0, 1, ...
     assert grouped.tobytes() == data.reshape(-1, width).T.tobytes()
     back = np.empty_like(data)
-    ungroup_bytes(grouped, width, back)
+    decode_into(LITERAL_XOR, grouped[: len(back)], back, NO_BASE, width)
     assert back.tobytes() == data.tobytes()
 
     codec = FrameCodec(compression)

@@ -140,7 +140,7 @@ def test_push_creates_the_repo_and_uploads_the_folder_once_with_the_card(delta):
         "folder_path": delta,
         "repo_id": "me/ft-delta",
         "repo_type": "model",
-        "commit_message": "Upload xorweights delta (format 2)",
+        "commit_message": "Upload xorweights delta (format 3)",
         "allow_patterns": ["xorweights-delta.json", "README.md", *data, *shipped],
         "ignore_patterns": [".xorweights/*", ".*", "*/.*"],
     }

@@ -189,7 +189,7 @@ def test_inspect_reports_base_and_unprotected_bytes(pair, tmp_path):
     assert "repo org/base at revision abc123" in r.stdout
     assert "4 rows of model.embed_tokens.weight are stored unprotected" in r.stdout
     s = json.loads(run("inspect", delta, "--json").stdout)
-    assert s["format_version"] == 2
+    assert s["format_version"] == 3
     assert s["unprotected_allowed"] is False and s["max_unprotected_pct"] == 1.0
     assert s["unprotected_bytes"] == 4 * 32 * 2 * 2 + 32 * 4  # two 4-row F16 blocks + an F32 value head
 

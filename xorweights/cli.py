@@ -21,6 +21,7 @@ from .checksums import checksum as checksum_api
 from .checksums import verify as verify_api
 from .decode import check_base as check_base_api
 from .decode import decode as decode_api
+from .delta.coding import CODINGS, DEFAULT_CODING
 from .delta.kernel import DEFAULT_FRAME_BYTES
 from .delta.manifest import MANIFEST_NAME
 from .delta.summary import DeltaSummary, summarize
@@ -234,7 +235,14 @@ def main() -> None:
 )
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="The delta folder to write.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave matching non-tensor files out (repeatable).")
-@click.option("--no-compress", is_flag=True, help="Store plain XOR bytes instead of zstd frames.")
+@click.option("--no-compress", is_flag=True, help="Store frames without zstd.")
+@click.option(
+    "--codec",
+    type=click.Choice(CODINGS),
+    default=DEFAULT_CODING,
+    show_default=True,
+    help="How frames store the XOR: zigzag-diff (format 3, smaller) or xor (format 2, the literal XOR).",
+)
 @click.option(
     "--frame-mib", type=click.IntRange(1, 64), default=DEFAULT_FRAME_BYTES >> 20, show_default=True, help="Frame size."
 )
@@ -267,6 +275,7 @@ def encode(
     out: Path,
     exclude: tuple[str, ...],
     no_compress: bool,
+    codec: str,
     frame_mib: int,
     base_description: str,
     base_repo: str | None,
@@ -312,6 +321,7 @@ def encode(
         out,
         exclude=list(exclude),
         compress=not no_compress,
+        codec=codec,
         frame_bytes=frame_mib << 20,
         base_description=base_description,
         base_repo_id=base_repo,

@@ -306,11 +306,10 @@ class _Rebuilder:
                 frame = os.pread(data_fd, fr.stored, fr.src)
                 buffer = self.pool.get()
                 chunk = buffer[: fr.hi - fr.lo]
-                self.codec.decode(frame, ITEMSIZE[entry.dtype], chunk, f"{where}: tensor {entry.name} frame {fr.index}")
                 base = stream.view(fr.lo, fr.hi) if stream else _EMPTY
-                if stream is not None:
-                    cast = stream.cast(base)
-                    np.bitwise_xor(chunk[: len(cast)], cast, out=chunk[: len(cast)])
+                cast = stream.cast(base) if stream else _EMPTY
+                where_frame = f"{where}: tensor {entry.name} frame {fr.index}"
+                self.codec.decode(frame, ITEMSIZE[entry.dtype], chunk, where_frame, cast, entry.coding)
                 written = cast_bytes(chunk, entry.dtype, layout[fr.tensor].dtype)
                 _pwrite_all(out_fd, written, fr.dst)
                 return buffer, chunk, base, written

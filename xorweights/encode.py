@@ -17,8 +17,19 @@ import numpy as np
 from tqdm import tqdm
 
 from .delta.base_stream import _EMPTY, BaseStream
-from .delta.kernel import DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES, FrameCodec, frame_spans, new_tensor_hash
+from .delta.coding import CODINGS, DEFAULT_CODING, LITERAL_XOR, encode_into
+from .delta.kernel import (
+    DEFAULT_FRAME_BYTES,
+    MAX_FRAME_BYTES,
+    ZSTD_LEVEL,
+    ZSTD_LEVEL_V3,
+    FrameCodec,
+    frame_spans,
+    new_tensor_hash,
+)
 from .delta.manifest import (
+    CODING_VERSION,
+    DELTA_VERSION,
     MANIFEST_NAME,
     SHIPPED_DIR,
     BaseRef,
@@ -53,7 +64,7 @@ class EncodeResult:
     delta_bytes: int
 
 
-def _fingerprint(plan: FilePlan, compression: str, frame_bytes: int) -> dict[str, object]:
+def _fingerprint(plan: FilePlan, compression: str, coding: str, frame_bytes: int) -> dict[str, object]:
     """What must not have changed for a finished data file to be reused on resume."""
     stats = {str(plan.source): plan.source.stat()}
     for t in plan.tensors:
@@ -62,6 +73,7 @@ def _fingerprint(plan: FilePlan, compression: str, frame_bytes: int) -> dict[str
             stats[str(where)] = where.stat()
     return {
         "compression": compression,
+        "coding": coding,
         "frame_bytes": frame_bytes,
         "files": {k: [s.st_size, s.st_mtime_ns] for k, s in sorted(stats.items())},
     }
@@ -77,9 +89,10 @@ class _Frame:
 class _Encoder:
     """Writes one data file per weight file; frames are made on ``jobs`` threads."""
 
-    def __init__(self, out: OutputDir, codec: FrameCodec, frame_bytes: int, jobs: int, bar: tqdm) -> None:
+    def __init__(self, out: OutputDir, codec: FrameCodec, coding: str, frame_bytes: int, jobs: int, bar: tqdm) -> None:
         self.out = out
         self.codec = codec
+        self.coding = coding
         self.frame_bytes = frame_bytes
         self.jobs = jobs
         self.pool = BufferPool(frame_bytes)
@@ -102,9 +115,7 @@ class _Encoder:
             cast = stream.cast(base) if stream else _EMPTY
             buffers = (self.pool.get(), self.pool.get())
             chunk = buffers[0][: len(raw)]
-            k = len(cast)
-            np.bitwise_xor(raw[:k], cast, out=chunk[:k])
-            chunk[k:] = raw[k:]
+            encode_into(self.coding, raw, cast, chunk, target.itemsize)
             return raw, base, self.codec.encode(chunk, target.itemsize, buffers[1]), buffers
 
         file_hash = hashlib.sha256(plan.prefix)
@@ -125,7 +136,8 @@ class _Encoder:
                     self.pool.put(b)
                 self.bar.update(fr.hi - fr.lo)
             entries = tuple(
-                _entry(t, target_hashes[i].hexdigest(), streams[i], sizes[i]) for i, t in enumerate(tensors)
+                _entry(t, target_hashes[i].hexdigest(), streams[i], sizes[i], self.coding)
+                for i, t in enumerate(tensors)
             )
             writer.commit()
         return WeightFile(
@@ -133,12 +145,14 @@ class _Encoder:
         )
 
 
-def _entry(tp: TensorPlan, xxh3: str, stream: BaseStream | None, frames: list[tuple[int, int]]) -> TensorEntry:
+def _entry(
+    tp: TensorPlan, xxh3: str, stream: BaseStream | None, frames: list[tuple[int, int]], coding: str
+) -> TensorEntry:
     base = None
     if tp.base is not None and stream is not None:
         base = BaseTensor(tp.base.name, tp.base.dtype, tp.base.shape, stream.finish())
     t = tp.target
-    return TensorEntry(t.name, t.dtype, t.shape, xxh3, tp.method, base, tp.xor_bytes, tuple(frames))
+    return TensorEntry(t.name, t.dtype, t.shape, xxh3, tp.method, base, tp.xor_bytes, tuple(frames), coding)
 
 
 def encode(
@@ -148,6 +162,7 @@ def encode(
     *,
     exclude: list[str] | tuple[str, ...] = (),
     compress: bool = True,
+    codec: str = DEFAULT_CODING,
     frame_bytes: int = DEFAULT_FRAME_BYTES,
     base_description: str = "",
     base_repo_id: str | None = None,
@@ -168,6 +183,8 @@ def encode(
     ``renames`` (``FROM=TO`` regexes) map base tensor names onto the fine-tune's.
     A second run with the same inputs reuses the data files already finished.
     ``jobs`` threads make frames (default: one per core); the bytes do not depend on it.
+    ``codec`` is how frames store the XOR: ``zigzag-diff`` (format 3, smaller)
+    or ``xor``, the literal XOR of format 2, which older xorweights decode.
     ``finetuned`` and ``base`` are folders or Hub repos, ``org/name[@revision]``; a
     Hub base's repo id and commit are recorded unless ``base_repo_id`` names another repo.
     """
@@ -184,8 +201,10 @@ def encode(
     if base_ref.repo_id is not None and base_repo_id in (None, base_ref.repo_id):
         base_repo_id, base_revision = base_ref.repo_id, base_revision or base_ref.revision
     refuse_overlap(delta, {"fine-tune": finetuned, "base": base})
+    if codec not in CODINGS:
+        raise UsageError(f"--codec {codec}: not one of {', '.join(CODINGS)}")
     compression = "zstd" if compress else "none"
-    codec = FrameCodec(compression)
+    frames = FrameCodec(compression, ZSTD_LEVEL if codec == LITERAL_XOR else ZSTD_LEVEL_V3)
     if not 0 <= max_unprotected <= 100:
         raise UsageError(f"--max-unprotected {max_unprotected}: must be a percentage from 0 to 100")
     with Checkpoint(finetuned) as ft, Checkpoint(base) as bs:
@@ -201,11 +220,11 @@ def encode(
                 raise OutputError(f"{delta}: already holds a finished delta", "choose a new output folder")
             _refuse_foreign_entries(od.fd, delta, plan)
             bar = byte_bar(sum(t.target.nbytes for t in plan.tensors()), "encode", progress)
-            encoder = _Encoder(od, codec, frame_bytes, resolve_jobs(jobs), bar)
+            encoder = _Encoder(od, frames, codec, frame_bytes, resolve_jobs(jobs), bar)
             weight_files = []
             for fp in plan.weight_files:
                 state_name = f"{fp.data_file}.json"
-                fingerprint = _fingerprint(fp, compression, frame_bytes)
+                fingerprint = _fingerprint(fp, compression, codec, frame_bytes)
                 done = _resume(od, state_name, fingerprint, fp.data_file)
                 if done is None:
                     done = encoder.encode_file(fp)
@@ -232,6 +251,7 @@ def encode(
                 tuple(weight_files),
                 tuple(plan.other_files),
                 exposure=ExposureRecord(allow_unprotected, max_unprotected, exposure.unprotected_bytes),
+                format_version=DELTA_VERSION if codec != LITERAL_XOR else CODING_VERSION - 1,
             )
             text = manifest.to_json()
             parse_manifest(text, str(delta / MANIFEST_NAME))  # never publish a manifest our own decoder refuses

@@ -13,8 +13,9 @@ of the same name, whole file, byte for byte:
 The codec checked nothing. Its releases came with md5 lists, committed under
 ``checksums/NAME/`` in this repository: ``NAME.md5`` for the decoded output
 and one list of the base files the payload is XORed with. :func:`decode_legacy`
-checks the base against its list before writing anything and every output
-file against its list before giving it its final name. Because the XOR is
+hashes every base file and every output file on the way through the decode,
+as their bytes pass through memory, and gives an output file its final name
+only once its base file and it match their lists. Because the XOR is
 whole-file, only a base that is identical byte for byte decodes: the same
 tensors pickled by another library version do not. :func:`migrate` turns such
 a release into a per-tensor delta once, so that downloaders need only the
@@ -27,15 +28,17 @@ import gzip
 import hashlib
 import io
 import os
+import queue
 import re
 import shutil
 import stat
+import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -47,7 +50,7 @@ from .errors import BaseMismatchError, InputFileError, OutputError, UsageError, 
 from .exposure import DEFAULT_MAX_UNPROTECTED_PCT
 from .inputs import InputFolder
 from .locks import FolderLock
-from .outdir import WORK_DIR, OutputDir
+from .outdir import WORK_DIR, OutputDir, start_writeback
 from .overlap import refuse_overlap
 from .progress import byte_bar
 
@@ -177,6 +180,7 @@ class LegacyFile:
     base: Path | None  # None: no counterpart in the base, copied as is
     gzip: bool  # XOR the decompressed stream of the payload
     expected_md5: str | None
+    base_md5: str | None = None  # the base file's published md5: hashed whole while decoding, checked before commit
 
 
 @dataclass
@@ -316,45 +320,160 @@ def _gunzip_too_big(job: LegacyFile, limit: int, base_bytes: int) -> InputFileEr
     )
 
 
-def xor_file(job: LegacyFile, dst: BinaryIO, chunk_bytes: int, bar: tqdm | None = None) -> str:
-    """Write the payload XOR the base (zero-padded or truncated to the payload's length) to ``dst``; return its md5.
+@dataclass(frozen=True)
+class Digests:
+    """What one pass over a payload file learnt: the md5 of the decoded bytes, and of the whole base file."""
 
-    Memory stays at two buffers of ``chunk_bytes`` whatever the file size. A
-    gzip payload is refused with :class:`InputFileError` before it writes more
-    than :func:`gunzip_limit` of its base file's size.
+    out: str
+    base: str | None  # None unless the job asked for it (``LegacyFile.base_md5``)
+
+
+# Payload buffers in flight: one being filled by the reader, one queued, one
+# being hashed and written. Two would already overlap the threads; the third
+# absorbs a slow read or write without stalling the other side. With the
+# reader's one base buffer, a decode holds SLOTS + 1 chunks whatever the file size.
+SLOTS = 3
+
+
+class _Reader:
+    """Reads, hashes the base and XORs on its own thread, ahead of the thread that hashes and writes.
+
+    The work splits in two because each half is one md5 stream: hashlib,
+    numpy and file reads release the GIL, so on two cores the base's md5 and
+    the output's md5 run side by side instead of one after the other. Items
+    go to the consumer in order; an error is one of them, so whatever was
+    read before it is still written, and nothing after it is.
     """
-    md5 = hashlib.md5(usedforsecurity=False)
-    data = np.empty(chunk_bytes, dtype=np.uint8)
-    key = np.empty(chunk_bytes if job.base is not None else 0, dtype=np.uint8)
-    with ExitStack() as stack:
-        raw = stack.enter_context(job.payload.open("rb"))
-        src: io.BufferedIOBase = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")) if job.gzip else raw
-        base = stack.enter_context(job.base.open("rb")) if job.base is not None else None
-        base_bytes = os.fstat(base.fileno()).st_size if base is not None else 0
-        # A plain payload writes its own size; only a decompressed one needs a bound from a real size.
-        limit = gunzip_limit(base_bytes) if job.gzip else None
-        written = consumed = 0
+
+    def __init__(
+        self, job: LegacyFile, raw: BinaryIO, base: BinaryIO | None, base_bytes: int, chunk_bytes: int
+    ) -> None:
+        # InputFolder.open gives os.fdopen(fd, "rb"): buffered readers, whose readinto fills a buffer in place.
+        self.job = job
+        self.raw = cast(io.BufferedReader, raw)
+        self.base = cast(io.BufferedReader | None, base)
+        self.base_bytes = base_bytes
+        self.base_md5 = hashlib.md5(usedforsecurity=False) if base is not None and job.base_md5 else None
+        self.key = np.empty(chunk_bytes if base is not None else 0, dtype=np.uint8)
+        self.free: queue.Queue[np.ndarray | None] = queue.Queue()
+        for _ in range(SLOTS):
+            self.free.put(np.empty(chunk_bytes, dtype=np.uint8))
+        # (buffer, bytes in it, payload bytes read so far), an error, or None once the base is hashed to its end.
+        # Unbounded, yet never longer than SLOTS: only that many buffers exist.
+        self.full: queue.Queue[tuple[np.ndarray, int, int] | BaseException | None] = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"decode-legacy {job.name}", daemon=True)
+
+    def __enter__(self) -> _Reader:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # The files close once this returns: the reader must be done with them first.
+        self.stop.set()
+        self.free.put(None)
+        self.thread.join()
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
+        """Each decoded chunk with the payload bytes read so far; the buffer goes back once the next is asked for."""
+        while True:
+            item = self.full.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            buf, n, consumed = item
+            yield buf[:n], consumed
+            self.free.put(buf)
+
+    def _run(self) -> None:
         try:
-            while n := _read_full(src, data):
+            self._decode()
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            self.full.put(exc)
+
+    def _decode(self) -> None:
+        job = self.job
+        src: io.BufferedIOBase = gzip.GzipFile(fileobj=self.raw, mode="rb") if job.gzip else self.raw
+        # A plain payload writes its own size; only a decompressed one needs a bound from a real size.
+        limit = gunzip_limit(self.base_bytes) if job.gzip else None
+        base, written = self.base, 0
+        try:
+            while True:
+                buf = self.free.get()
+                if buf is None or self.stop.is_set():
+                    return  # the consumer stopped
+                n = _read_full(src, buf)
+                if not n:
+                    break
                 if limit is not None and written + n > limit:
-                    raise _gunzip_too_big(job, limit, base_bytes)
+                    raise _gunzip_too_big(job, limit, self.base_bytes)
                 written += n
-                chunk = data[:n]
                 if base is not None:
-                    m = _read_full(base, key[:n])
-                    xor_into(chunk, key[:m])
+                    key = self.key[:n]
+                    m = _read_full(base, key)
+                    if self.base_md5 is not None:
+                        self.base_md5.update(key[:m])
+                    xor_into(buf[:n], key[:m])
                     if m < n:
                         base = None  # past its end the base counts as zeros: payload bytes pass unchanged
-                dst.write(chunk)
-                md5.update(chunk)
-                if bar is not None:
-                    bar.update(raw.tell() - consumed)
-                    consumed = raw.tell()
+                self.full.put((buf, n, self.raw.tell()))
         except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
             raise InputFileError(
                 f"{job.payload}: starts like gzip but does not decompress ({exc})", "re-download this XOR file"
             ) from None
-    return md5.hexdigest()
+        finally:
+            if src is not self.raw:
+                src.close()  # the gzip reader only; the payload file is closed by xor_file
+        if base is not None and self.base_md5 is not None:
+            # A base longer than the payload: the bytes the XOR never used still count in the file's md5.
+            while (m := _read_full(base, self.key)) and not self.stop.is_set():
+                self.base_md5.update(self.key[:m])
+        self.full.put(None)
+
+
+def _fd_of(dst: BinaryIO) -> int | None:
+    """The file descriptor behind ``dst``, to start its writeback early; None for a sink in memory."""
+    try:
+        return dst.fileno()
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
+def xor_file(job: LegacyFile, dst: BinaryIO, chunk_bytes: int, bar: tqdm | None = None) -> Digests:
+    """Write the payload XOR the base (zero-padded or truncated to the payload's length) to ``dst``.
+
+    Returns the md5 of what was written and, when ``job.base_md5`` is set, the
+    md5 of the whole base file, taken from the same read: no file is read
+    twice. Payload and base are opened through :class:`InputFolder`. Reading
+    and XOR run on a second thread, overlapped with hashing and writing here;
+    memory stays at ``SLOTS + 1`` buffers of ``chunk_bytes`` whatever the file
+    size. A gzip payload is refused with :class:`InputFileError` before it
+    writes more than :func:`gunzip_limit` of its base file's size.
+    """
+    md5 = hashlib.md5(usedforsecurity=False)
+    fd = _fd_of(dst)
+    with ExitStack() as stack:
+        raw, _ = InputFolder(job.payload.parent).open(job.payload)
+        stack.enter_context(raw)
+        base: BinaryIO | None = None
+        base_bytes = 0
+        if job.base is not None:
+            base, base_bytes = InputFolder(job.base.parent).open(job.base)
+            stack.enter_context(base)
+        reader = stack.enter_context(_Reader(job, raw, base, base_bytes, chunk_bytes))
+        offset = consumed = 0
+        for chunk, read in reader:
+            dst.write(chunk)
+            md5.update(chunk)
+            if fd is not None:
+                start_writeback(fd, offset, len(chunk))
+            offset += len(chunk)
+            if bar is not None:
+                bar.update(read - consumed)
+                consumed = read
+        base_md5 = reader.base_md5.hexdigest() if reader.base_md5 is not None else None
+    return Digests(md5.hexdigest(), base_md5)
 
 
 # ------------------------------------------------------------------ decode
@@ -379,11 +498,16 @@ def decode_legacy(
     from the release under ``checksums/`` whose output list the payload's file
     names cover. With ``check`` (the default) a base list is required and every
     base file the payload is XORed with must match it, or
-    :class:`BaseMismatchError` names them all before anything is written.
+    :class:`BaseMismatchError` names them all. A base file that is missing or
+    that the list does not name is refused before anything is written; the md5
+    of the others is taken during the decode, from the bytes it reads anyway.
     Each output file is written through a partial file and gets its final name
-    only if it matches the output list (:class:`VerifyFailed` names the others).
-    Files already in ``out`` with their published md5 are skipped, so a second
-    run resumes. ``chunk_bytes`` bounds the memory: two buffers of that size.
+    only if its base file matched the base list and it matches the output list
+    (:class:`VerifyFailed` names the others); at the first base file that
+    differs, the remaining ones are hashed so that the error names them all,
+    and nothing decoded from a differing base is kept. Files already in
+    ``out`` with their published md5 are skipped, so a second run resumes.
+    ``chunk_bytes`` bounds the memory: ``SLOTS + 1`` buffers of that size.
     """
     payload, base, out = Path(payload), Path(base), Path(out)
     if chunk_bytes < 1:
@@ -411,7 +535,9 @@ def decode_legacy(
     pending = [f for f in files if f.name not in done]
     if check:
         assert base_list is not None
-        result.base_checked = _check_base(base, base_list, pending, progress)
+        result.base_checked = _base_to_check(base, base_list, pending, progress)
+        # No pass of its own: each base file is hashed by the decode that reads it anyway.
+        files = [replace(f, base_md5=base_list.sums[f.name]) if f.name in result.base_checked else f for f in files]
     else:
         result.warnings.append("the base files were not checked (--no-check)")
     if out_list is None:
@@ -423,11 +549,19 @@ def decode_legacy(
     with OutputDir(out) as od, FolderLock(od):
         refuse_overlap(out, {"payload": payload, "base": base})  # again, now that it exists
         bar = byte_bar(sum(f.payload.stat().st_size for f in pending), "decode-legacy", progress)
-        for job in files:
+        for i, job in enumerate(files):
             if job.name in done:
                 result.skipped.append(job.name)
                 continue
-            if _write_one(job, od, chunk_bytes, bar, resumes=out_list is not None):
+            outcome = _write_one(job, od, chunk_bytes, bar, resumes=out_list is not None)
+            if outcome == "base differs":
+                bar.close()
+                assert base_list is not None
+                # Name every base file that differs, as a check before decoding would: the rest are hashed now.
+                later = [f.name for f in files[i + 1 :] if f.base_md5 is not None]
+                differ = [job.name, *_differing(base, base_list, later, progress)]
+                raise _base_mismatch(base, base_list, len(result.base_checked), differ)
+            if outcome == "written":
                 result.written.append(job.name)
             else:
                 mismatched.append(job.name)
@@ -490,11 +624,13 @@ def _foreign(final: Path) -> OutputError:
     )
 
 
-def _check_base(base: Path, base_list: Md5List, files: list[LegacyFile], progress: bool) -> list[str]:
-    """Match every base file the payload needs against the published list; refuse naming all that differ.
+def _base_to_check(base: Path, base_list: Md5List, files: list[LegacyFile], progress: bool) -> list[str]:
+    """The base files to hash during the decode; refuses, before any is read, a list that cannot check them all.
 
     A base file the list does not name would go unchecked: that is refused
-    too (UsageError), naming every such file, never skipped in silence.
+    (UsageError), naming every such file, never skipped in silence. A listed
+    base file that is missing is refused too (BaseMismatchError); that error
+    also names every present file that differs, so they are hashed first.
     """
     xored = [f.name for f in files if f.base is not None]
     unlisted = [n for n in xored if n not in base_list.sums]
@@ -508,31 +644,44 @@ def _check_base(base: Path, base_list: Md5List, files: list[LegacyFile], progres
         )
     needed = [f.name for f in files if f.name in base_list.sums]
     present = [n for n in needed if (base / n).is_file()]
-    bar = byte_bar(sum((base / n).stat().st_size for n in present), "check base", progress)
-    base_in = InputFolder(base)
-    differ = [n for n in present if md5_file(base_in, base / n, bar) != base_list.sums[n]]
-    bar.close()
     missing = [n for n in needed if n not in present]
-    if differ or missing:
-        names = differ + [f"{n} (missing)" for n in missing]
-        raise BaseMismatchError(
-            f"{base}: {len(names)} of {len(needed)} base files differ from the published list {base_list.label}: "
-            f"{', '.join(names)}; a whole-file XOR release decodes only from these exact files, byte for byte",
-            "a per-tensor delta made once with `xorweights migrate` by anyone who holds the exact files removes "
-            "this need: it asks only for the same tensors, not the same file bytes",
-        )
+    if missing:
+        differ = _differing(base, base_list, present, progress)
+        raise _base_mismatch(base, base_list, len(needed), differ + [f"{n} (missing)" for n in missing])
     return present
 
 
-def _write_one(job: LegacyFile, out: OutputDir, chunk_bytes: int, bar: tqdm, *, resumes: bool) -> bool:
-    """Decode one file; give it its final name only if it has the expected md5. False if it did not."""
+def _differing(base: Path, base_list: Md5List, names: list[str], progress: bool) -> list[str]:
+    """Those of ``names`` whose base file differs from the list: a pass of its own, only to name them in an error."""
+    bar = byte_bar(sum((base / n).stat().st_size for n in names), "check base", progress)
+    base_in = InputFolder(base)
+    differ = [n for n in names if md5_file(base_in, base / n, bar) != base_list.sums[n]]
+    bar.close()
+    return differ
+
+
+def _base_mismatch(base: Path, base_list: Md5List, needed: int, names: list[str]) -> BaseMismatchError:
+    return BaseMismatchError(
+        f"{base}: {len(names)} of {needed} base files differ from the published list {base_list.label}: "
+        f"{', '.join(names)}; a whole-file XOR release decodes only from these exact files, byte for byte",
+        "a per-tensor delta made once with `xorweights migrate` by anyone who holds the exact files removes "
+        "this need: it asks only for the same tensors, not the same file bytes",
+    )
+
+
+def _write_one(
+    job: LegacyFile, out: OutputDir, chunk_bytes: int, bar: tqdm, *, resumes: bool
+) -> Literal["written", "base differs", "output differs"]:
+    """Decode one file; give it its final name only if its base file and it have their expected md5s."""
     writer = out.writer(job.name, resumes=resumes)
-    with writer as dst:
-        md5 = xor_file(job, dst, chunk_bytes, bar)
-        if job.expected_md5 is not None and md5 != job.expected_md5:
-            return False  # leaving the block uncommitted removes the partial file
+    with writer as dst:  # leaving the block uncommitted removes the partial file
+        digests = xor_file(job, dst, chunk_bytes, bar)
+        if job.base_md5 is not None and digests.base != job.base_md5:
+            return "base differs"  # first: decoded from a wrong base, the output cannot be right either
+        if job.expected_md5 is not None and digests.out != job.expected_md5:
+            return "output differs"
         writer.commit()
-    return True
+    return "written"
 
 
 # ------------------------------------------------------------------ migrate

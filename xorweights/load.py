@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .decode import TensorJob, check_tensor, named_dtype, plan_decode
-from .delta.base_stream import BaseStream
+from .delta.base_stream import _EMPTY, BaseStream
 from .delta.kernel import FrameCodec, new_tensor_hash
 from .delta.manifest import Manifest, TensorEntry, open_delta_file
 from .errors import NotEnoughMemoryError
@@ -161,13 +161,11 @@ def _tensor_bytes(tj: TensorJob, fd: int, src: int, codec: FrameCodec, out_dtype
         chunk = scratch[:raw] if converting else out[lo:hi]
         frame = os.pread(fd, stored, src)
         src += stored
-        codec.decode(frame, width, chunk, f"{where} frame {k}")
-        del frame  # at most one stored frame and one cast base frame are held at a time
+        base = stream.view(lo, hi) if stream else _EMPTY
+        cast = stream.cast(base) if stream else _EMPTY
+        codec.decode(frame, width, chunk, f"{where} frame {k}", cast, entry.coding)
+        del frame, cast  # at most one stored frame and one cast base frame are held at a time
         if stream is not None:
-            base = stream.view(lo, hi)
-            cast = stream.cast(base)
-            np.bitwise_xor(chunk[: len(cast)], cast, out=chunk[: len(cast)])
-            del cast
             stream.consume(base)
         target_hash.update(chunk)
         if converting:

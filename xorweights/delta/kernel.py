@@ -19,19 +19,20 @@ import xxhash
 import zstandard
 
 from ..errors import DeltaCorruptError
+from .coding import LITERAL_XOR, NO_BASE, decode_into
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 DEFAULT_FRAME_BYTES = 16 * 1024 * 1024
+# zstd levels, chosen by measurement (docs/performance.md, "Delta size"):
+# on zigzag-diff frames level 1 is smaller than 3 as well as faster; literal
+# XOR frames (format 2) keep the level they were always written with.
 ZSTD_LEVEL = 3
+ZSTD_LEVEL_V3 = 1
 
 
 def new_tensor_hash() -> xxhash.xxh3_128:
     """The per-tensor checksum: xxh3-128 over the tensor's raw bytes."""
     return xxhash.xxh3_128()
-
-
-def tensor_hash_hex(data: bytes | np.ndarray) -> str:
-    return xxhash.xxh3_128(data).hexdigest()
 
 
 def xor_into(target: np.ndarray, other: np.ndarray) -> None:
@@ -61,19 +62,6 @@ def group_bytes(data: np.ndarray, width: int, out: np.ndarray | None = None) -> 
     for k in range(1, width):
         np.right_shift(words, 8 * k, out=groups[k], casting="unsafe")
     return groups.reshape(-1)
-
-
-def ungroup_bytes(grouped: np.ndarray, width: int, out: np.ndarray) -> None:
-    """Inverse of :func:`group_bytes`, written into ``out``."""
-    if width == 1:
-        out[:] = grouped
-        return
-    groups = grouped.reshape(width, -1)
-    words = _words(out, width)
-    np.copyto(words, groups[width - 1])
-    for k in range(width - 2, -1, -1):
-        np.left_shift(words, 8, out=words)
-        np.bitwise_or(words, groups[k], out=words)
 
 
 class FrameCodec:
@@ -108,17 +96,29 @@ class FrameCodec:
             return memoryview(xor)
         return self._compressor().compress(group_bytes(xor, width, scratch))
 
-    def decode(self, frame: bytes, width: int, out: np.ndarray, where: str) -> None:
-        """Decode ``frame`` into ``out``, whose length is the frame's declared size.
+    def decode(
+        self,
+        frame: bytes,
+        width: int,
+        out: np.ndarray,
+        where: str,
+        base: np.ndarray = NO_BASE,
+        coding: str = LITERAL_XOR,
+    ) -> None:
+        """Decode ``frame`` into ``out`` (the target's bytes), whose length is the frame's declared size.
 
-        The declared size is checked before anything is allocated, so a frame
-        that claims or expands to more than the manifest says is refused.
+        ``base`` holds the base's bytes for the start of the frame, cast to
+        the target's dtype; ``coding`` says how the frame stores the target
+        against them. The declared size is checked before anything is
+        allocated, so a frame that claims or expands to more than the
+        manifest says is refused.
         """
         size = len(out)
         if self.compression == "none":
             if len(frame) != size:
                 raise DeltaCorruptError(f"{where}: frame holds {len(frame)} bytes, the manifest says {size}")
             out[:] = np.frombuffer(frame, dtype=np.uint8)
+            decode_into(coding, None, out, base, width)
             return
         try:
             claimed = zstandard.frame_content_size(frame)
@@ -133,7 +133,7 @@ class FrameCodec:
             raise DeltaCorruptError(f"{where}: frame does not decompress ({exc})") from None
         if len(raw) != size:
             raise DeltaCorruptError(f"{where}: frame expands to {len(raw)} bytes, the manifest says {size}")
-        ungroup_bytes(np.frombuffer(raw, dtype=np.uint8), width, out)
+        decode_into(coding, np.frombuffer(raw, dtype=np.uint8), out, base, width)
 
 
 def frame_spans(nbytes: int, frame_bytes: int, width: int) -> list[tuple[int, int]]:

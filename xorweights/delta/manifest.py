@@ -16,9 +16,11 @@ from .. import __version__
 from ..errors import DeltaCorruptError, ManifestError
 from ..inputs import MAX_MANIFEST_BYTES, InputFolder, load_json
 from ..readers.dtypes import ITEMSIZE, can_cast
+from .coding import CODINGS, LITERAL_XOR
 
 DELTA_FORMAT = "xorweights-delta"
-DELTA_VERSION = 2  # 2 added "exposure"; every version back to 1 still decodes
+DELTA_VERSION = 3  # 2 added "exposure", 3 the per-tensor "coding"; every version back to 1 still decodes
+CODING_VERSION = 3  # the first version whose tensors record their coding
 MANIFEST_NAME = "xorweights-delta.json"
 SHIPPED_DIR = "files"
 DATA_SUFFIX = ".xwd"
@@ -63,6 +65,7 @@ class TensorEntry:
     base: BaseTensor | None
     xor_bytes: int
     frames: tuple[tuple[int, int], ...]  # (stored bytes, decoded bytes), in data-file order
+    coding: str = LITERAL_XOR  # how frames store the bytes the base covers (delta.coding); format 3 on
 
     @property
     def nbytes(self) -> int:
@@ -127,6 +130,10 @@ class Manifest:
 
     def to_json(self) -> str:
         obj = {"format": DELTA_FORMAT, "format_version": self.format_version, **asdict(self)}
+        if self.format_version < CODING_VERSION:  # older decoders refuse fields they do not know
+            for wf in obj["weight_files"]:
+                for tensor in wf["tensors"]:
+                    del tensor["coding"]
         return json.dumps(obj) + "\n"
 
 
@@ -204,7 +211,7 @@ def _header(value: str, where: str) -> str:
     return value
 
 
-def _tensor(obj: Any, where: str) -> TensorEntry:
+def _tensor(obj: Any, where: str, version: int) -> TensorEntry:
     r = _Reader(obj, where)
     name = r.get("name", str)
     where = r.where = f"{where} {name}"
@@ -232,8 +239,14 @@ def _tensor(obj: Any, where: str) -> TensorEntry:
         if not (isinstance(fr, list) and len(fr) == 2 and all(isinstance(v, int) and v >= 0 for v in fr)):
             raise ManifestError(f"{where}: invalid frame {fr!r}")
         frames.append((fr[0], fr[1]))
+    coding = r.get("coding", str) if version >= CODING_VERSION else LITERAL_XOR
+    if coding not in CODINGS:
+        raise ManifestError(
+            f"{where}: unknown coding {coding!r}",
+            "the delta is damaged, or was made by a newer xorweights: pip install -U xorweights",
+        )
     r.done()
-    entry = TensorEntry(name, dtype, shape, xxh3, method, base, xor_bytes, tuple(frames))
+    entry = TensorEntry(name, dtype, shape, xxh3, method, base, xor_bytes, tuple(frames), coding)
     decoded = sum(raw for _, raw in frames)
     if decoded != entry.nbytes:
         raise ManifestError(f"{where}: frames decode to {decoded} bytes, the tensor has {entry.nbytes}")
@@ -258,8 +271,8 @@ def _expected_xor_bytes(t: TensorEntry) -> int | None:
     return t.nbytes // t.shape[0] * min(t.shape[0], b.shape[0])
 
 
-def parse_weight_file(obj: Any, where: str) -> WeightFile:
-    """Validate one ``weight_files`` entry (also used for encode's resume records)."""
+def parse_weight_file(obj: Any, where: str, version: int = DELTA_VERSION) -> WeightFile:
+    """Validate one ``weight_files`` entry of a format ``version`` manifest (also used for encode's resume records)."""
     w = _Reader(obj, where)
     name = check_relpath(w.get("name", str), w.where, suffix=".safetensors")
     w.where = f"{w.where} {name}"
@@ -269,7 +282,7 @@ def parse_weight_file(obj: Any, where: str) -> WeightFile:
         _hexdigest(w.get("sha256", str), 64, w.where),
         _header(w.get("header", str), w.where),
         check_relpath(w.get("data_file", str), w.where, suffix=DATA_SUFFIX),
-        tuple(_tensor(t, f"{w.where} tensor") for t in w.get("tensors", list)),
+        tuple(_tensor(t, f"{w.where} tensor", version) for t in w.get("tensors", list)),
     )
     w.done()
     return wf
@@ -303,7 +316,7 @@ def parse_manifest(text: str, where: str) -> Manifest:
     weight_files = []
     tensor_names: set[str] = set()
     for i, wf_obj in enumerate(r.get("weight_files", list)):
-        wf = parse_weight_file(wf_obj, f"{where} weight_files[{i}]")
+        wf = parse_weight_file(wf_obj, f"{where} weight_files[{i}]", version)
         for t in wf.tensors:
             if t.name in tensor_names:
                 raise ManifestError(f"{where}: tensor {t.name!r} is listed twice")

@@ -1,0 +1,131 @@
+"""How a frame stores the XOR of fine-tune and base: literally, or through a bijection that depends on the base.
+
+Two codings, recorded per tensor in the manifest (docs/format.md, "Codings"):
+
+- ``xor`` (formats 1 and 2): the stored element is ``f XOR b``.
+- ``zigzag-diff`` (format 3): the stored element is ``zigzag((f - b) mod 2^n)``,
+  on the elements' bit patterns as n-bit unsigned integers. A small change
+  that carries across a mantissa boundary (0x3BFF -> 0x3C00) flips many bits
+  of the XOR but is the integer 1 here, so the stored bytes are smaller
+  numbers and compress better. For a fixed ``b`` it is a bijection of
+  ``f XOR b``: it reveals nothing the XOR does not.
+
+Only the elements the base covers are coded (the first ``len(base)`` bytes of
+a frame); bytes past them are stored as they are, in both codings.
+
+Decoding is fused with the byte ungrouping and done in blocks of
+``BLOCK_ELEMENTS``, so every temporary stays in the CPU cache: the extra
+arithmetic of ``zigzag-diff`` then costs less than memory traffic would.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+CODINGS = ("xor", "zigzag-diff")
+LITERAL_XOR = "xor"
+DEFAULT_CODING = "zigzag-diff"
+
+# 64 Ki elements: 128-512 KiB per array for 2- to 8-byte elements, a few of
+# which fit in L2 together. Larger blocks spill to memory; smaller ones pay
+# numpy's per-call overhead (about a microsecond) too often.
+BLOCK_ELEMENTS = 1 << 16
+
+NO_BASE = np.empty(0, dtype=np.uint8)  # a frame the base does not cover
+
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+class _Scratch(threading.local):
+    """Per-thread temporaries of one block, so blocks allocate nothing."""
+
+    def get(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        key = f"w{width}"
+        if not hasattr(self, key):
+            setattr(self, key, (np.empty(BLOCK_ELEMENTS, _UNSIGNED[width]), np.empty(BLOCK_ELEMENTS, _UNSIGNED[width])))
+        pair: tuple[np.ndarray, np.ndarray] = getattr(self, key)
+        return pair
+
+
+_scratch = _Scratch()
+
+
+def _words(data: np.ndarray, width: int) -> np.ndarray:
+    return data.view(_UNSIGNED[width])
+
+
+def _zigzag(d: np.ndarray, width: int, out: np.ndarray, tmp: np.ndarray) -> None:
+    """``out = zigzag(d)``: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..., reading ``d`` as n-bit two's complement."""
+    signed, signed_tmp = d.view(_SIGNED[width]), tmp.view(_SIGNED[width])
+    np.right_shift(signed, 8 * width - 1, out=signed_tmp)  # all ones where d < 0
+    np.left_shift(d, 1, out=out)
+    np.bitwise_xor(out, tmp, out=out)
+
+
+def _unzigzag_add(z: np.ndarray, base: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+    """``out = base + unzigzag(z)`` modulo 2^n; ``out`` may be ``z``."""
+    np.bitwise_and(z, 1, out=tmp)
+    np.negative(tmp, out=tmp)  # 0 or all ones
+    np.right_shift(z, 1, out=out)
+    np.bitwise_xor(out, tmp, out=out)
+    np.add(out, base, out=out)
+
+
+def encode_into(coding: str, target: np.ndarray, base: np.ndarray, out: np.ndarray, width: int) -> None:
+    """Write the coded form of ``target`` (bytes) into ``out``: the first ``len(base)`` bytes coded against ``base``.
+
+    ``base`` holds whole elements of the target's dtype. The rest of
+    ``target`` is copied as it is.
+    """
+    k = len(base)
+    if coding == LITERAL_XOR:
+        np.bitwise_xor(target[:k], base, out=out[:k])
+    else:
+        t, b, o = _words(target[:k], width), _words(base, width), _words(out[:k], width)
+        tmp = _scratch.get(width)[0]
+        for lo in range(0, len(t), BLOCK_ELEMENTS):
+            hi = min(lo + BLOCK_ELEMENTS, len(t))
+            np.subtract(t[lo:hi], b[lo:hi], out=o[lo:hi])
+            _zigzag(o[lo:hi], width, o[lo:hi], tmp[: hi - lo])
+    out[k : len(target)] = target[k:]
+
+
+def decode_into(coding: str, grouped: np.ndarray | None, coded: np.ndarray, base: np.ndarray, width: int) -> None:
+    """Turn a frame's stored elements back into the target's bytes, in ``coded`` itself.
+
+    ``grouped`` holds the frame's bytes grouped by position in the element
+    (as compressed frames store them), to be ungrouped into ``coded`` on the
+    way; None when ``coded`` already holds them in element order. The first
+    ``len(base)`` bytes are then decoded against ``base``; the rest are the
+    target's own bytes.
+    """
+    n = len(coded) // width
+    if width == 1 or grouped is None:
+        if grouped is not None:
+            coded[:] = grouped
+        groups = None
+    else:
+        groups = grouped.reshape(width, n)
+    words = _words(coded, width)
+    based = len(base) // width
+    b = _words(base, width)
+    tmp = _scratch.get(width)[0]
+    for lo in range(0, n, BLOCK_ELEMENTS):
+        hi = min(lo + BLOCK_ELEMENTS, n)
+        w = words[lo:hi]
+        if groups is not None:
+            np.copyto(w, groups[width - 1, lo:hi])
+            for k in range(width - 2, -1, -1):
+                np.left_shift(w, 8, out=w)
+                np.bitwise_or(w, groups[k, lo:hi], out=w)
+        if lo >= based:
+            continue
+        top = min(hi, based)
+        part = w[: top - lo]
+        if coding == LITERAL_XOR:
+            np.bitwise_xor(part, b[lo:top], out=part)
+        else:
+            _unzigzag_add(part, b[lo:top], part, tmp[: top - lo])
