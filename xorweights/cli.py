@@ -649,7 +649,8 @@ def inspect(delta: str, as_json: bool, quiet: bool) -> None:
     if as_json:
         _say_json(s.to_dict())
         return
-    _say(f"delta format {s.format_version}, made by xorweights {s.tool_version}, compression {s.compression}")
+    coding = f", coding {' and '.join(s.codings)}" if s.codings else ""
+    _say(f"delta format {s.format_version}, made by xorweights {s.tool_version}, compression {s.compression}{coding}")
     _say(f"base: {s.base.description}")
     if s.base.repo_id:
         _say(f"  repo {s.base.repo_id} at revision {s.base.revision or '(unpinned)'}")

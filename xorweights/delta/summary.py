@@ -25,6 +25,7 @@ class DeltaSummary:
     tool_version: str
     base: BaseRef
     compression: str
+    codings: list[str]  # how frames store what the base covers (delta.coding), over the tensors with a base
     tensors: int
     tensors_xored: int
     tensor_bytes: int
@@ -65,6 +66,7 @@ def summarize(manifest: Manifest, delta_bytes: int) -> DeltaSummary:
         tool_version=manifest.tool_version,
         base=manifest.base,
         compression=manifest.compression,
+        codings=sorted({t.coding for t in tensors if t.base is not None}),
         tensors=len(tensors),
         tensors_xored=sum(1 for t in tensors if t.method != "raw"),
         tensor_bytes=sum(t.nbytes for t in tensors),
