@@ -9,7 +9,15 @@ inputs once, write the output once, fsync) on disk and on tmpfs, `cp`, the
 prior art's whole-file XOR in 4 KiB blocks, and gzip-9 on the plain XOR
 bytes. It prints a table, checks the targets of the performance issue,
 writes bench/results/<date>.json and, with matplotlib, a plot beside it.
-Every multi-GB file is deleted at the end (keep them with --keep).
+Every multi-GB file is deleted at the end.
+
+"encode" and "decode" are the default codec, zigzag-diff (format 3, "v3").
+Every size also gets a v2 delta (--codec xor), and v2 decodes run next to the
+v3 ones (disk and tmpfs, --jobs 1 and 2) in the same interleaved rounds: the
+codec targets are ratios v3/v2, both as a ratio of medians and as the median
+of each round's own ratio, which cancels noise that hits a whole round.
+The --no-compress delta is the literal XOR (--codec xor), so gzip-9 is timed
+on the plain XOR bytes, as the issue defines it.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -64,7 +73,8 @@ def files(folder: Path) -> list[Path]:
 
 
 def du(folder: Path) -> int:
-    return sum(p.stat().st_size for p in files(folder))
+    """Bytes of the files in ``folder``, without an unfinished run's state in ``.xorweights/``."""
+    return sum(p.stat().st_size for p in files(folder) if ".xorweights" not in p.relative_to(folder).parts)
 
 
 def tree_hash(folder: Path) -> str:
@@ -99,28 +109,97 @@ class Step:
     check: bool = False  # the output must equal the fine-tune
 
 
-def measure(steps: list[Step], nbytes: int, repeats: int, original: str) -> dict[str, Run]:
-    """Run every step ``repeats`` times, interleaved, and keep each one's median run.
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def measure(steps: list[Step], nbytes: int, repeats: int, original: str) -> dict[str, list[Run]]:
+    """Run every step ``repeats`` times, interleaved; return each step's runs in round order.
 
     Interleaving spreads the machine's noise over all steps alike, and a sync
-    before each run keeps one run's writeback from landing on the next.
+    before each run keeps one run's writeback from landing on the next. Every
+    other round runs the steps in reverse, so of two neighbours (a v3 decode
+    and its v2 twin) neither always goes first.
     """
     samples: dict[str, list[Run]] = {s.name: [] for s in steps}
     for rep in range(repeats):
-        for step in steps:
-            shutil.rmtree(step.out, ignore_errors=True) if step.out.is_dir() else step.out.unlink(missing_ok=True)
+        for step in steps if rep % 2 == 0 else steps[::-1]:
+            _remove(step.out)
             os.sync()
             samples[step.name].append(timed(step.name, step.argv, nbytes))
             if step.check and rep == 0 and tree_hash(step.out) != original:
                 raise SystemExit(f"{step.name}: output differs from the fine-tune")
-            shutil.rmtree(step.out, ignore_errors=True) if step.out.is_dir() else step.out.unlink(missing_ok=True)
-    return {name: sorted(runs, key=lambda r: r.seconds)[len(runs) // 2] for name, runs in samples.items()}
+            _remove(step.out)
+    return samples
+
+
+def median_run(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+
+
+# The codec comparison: every (place, --jobs) is decoded from the v3 and the v2 delta.
+PLACES = ("disk", "tmpfs")
+COMPARED_JOBS = (2, 1)
+
+
+def decode_name(codec: str, place: str, jobs: int, default_jobs: int) -> str:
+    """A decode step's name; v3 keeps the names earlier results and docs/performance.md use."""
+    if codec == "v2":
+        return f"decode v2, {place}, --jobs {jobs}"
+    if place == "tmpfs":
+        return f"decode, tmpfs, --jobs {jobs}"
+    return "decode" if jobs == default_jobs else f"decode, disk, --jobs {jobs}"
+
+
+def codec_comparison(samples: dict[str, list[Run]], default_jobs: int) -> dict[str, dict[str, object]]:
+    """v3 against v2 decodes, per (place, --jobs): medians, per-round ratios, peak RSS."""
+    out: dict[str, dict[str, object]] = {}
+    for place in PLACES:
+        for n in COMPARED_JOBS:
+            v3 = samples[decode_name("v3", place, n, default_jobs)]
+            v2 = samples[decode_name("v2", place, n, default_jobs)]
+            # Both ran in the same round, a few seconds apart: their ratio
+            # cancels whatever slowed or sped up that whole round.
+            per_round = [a.seconds / b.seconds for a, b in zip(v3, v2, strict=True)]
+            out[f"{place}, --jobs {n}"] = {
+                "v3_seconds": median_run(v3).seconds,
+                "v2_seconds": median_run(v2).seconds,
+                "ratio_of_medians": median_run(v3).seconds / median_run(v2).seconds,
+                "paired_ratio": statistics.median(per_round),
+                "per_round_ratios": per_round,
+                "v3_max_rss_mib": max(r.max_rss_mib for r in v3),
+                "v2_max_rss_mib": max(r.max_rss_mib for r in v2),
+            }
+    return out
+
+
+def encode_steps(root: Path, ft: Path, base: Path, jobs: int) -> list[Step]:
+    """The encodes, timed; their outputs are the deltas the decodes read."""
+    j = ["--jobs", str(jobs)]
+
+    def encode(name: str, folder: str, *options: str) -> Step:
+        out = root / folder
+        return Step(name, [*XW, "encode", str(ft), "--base", str(base), "-o", str(out), "-q", *j, *options], out)
+
+    return [
+        encode("encode", "delta"),
+        encode("encode v2 (--codec xor)", "delta-v2", "--codec", "xor"),
+        # The literal XOR, stored plainly: what gzip-9 and the I/O floor of an uncompressed delta see.
+        encode("encode --no-compress", "delta-plain", "--codec", "xor", "--no-compress"),
+        Step(
+            "4 KiB whole-file encode",
+            [PY, str(HERE / "baselines.py"), "xor4k", str(ft), str(base), str(root / "delta-4k")],
+            root / "delta-4k",
+        ),
+    ]
 
 
 def bench_size(size: int, work: Path, tmpfs: Path, jobs: int, gzip_sample: int, repeats: int) -> dict[str, object]:
     root = work / f"{size // 10**6}MB"
     shutil.rmtree(root, ignore_errors=True)
     print(f"\n== {size / GB:.1f} GB model in {root}", flush=True)
+    # Other work on the machine shows up in every ratio; the load average says how much there was.
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     # A child makes the model, so this process stays small: a child's peak RSS
     # as the kernel reports it starts from its parent's size at fork.
@@ -128,26 +207,12 @@ def bench_size(size: int, work: Path, tmpfs: Path, jobs: int, gzip_sample: int, 
     base, ft = root / "base", root / "finetuned"
     print(f"  generated base + fine-tune ({nbytes / GB:.2f} GB of tensors each) in {time.perf_counter() - t0:.0f} s")
     original = tree_hash(ft)
-    delta, plain, whole = root / "delta", root / "delta-plain", root / "delta-4k"
-    j = ["--jobs", str(jobs)]
-    # The deltas the decodes read: made once, outside the timed runs.
-    encodes = [
-        Step("encode", [*XW, "encode", str(ft), "--base", str(base), "-o", str(root / "e1"), "-q", *j], root / "e1"),
-        Step(
-            "encode --no-compress",
-            [*XW, "encode", str(ft), "--base", str(base), "-o", str(root / "e2"), "--no-compress", "-q", *j],
-            root / "e2",
-        ),
-        Step(
-            "4 KiB whole-file encode",
-            [PY, str(HERE / "baselines.py"), "xor4k", str(ft), str(base), str(root / "e3")],
-            root / "e3",
-        ),
-    ]
-    runs = measure(encodes, nbytes, repeats, original)
-    for step, folder in zip(encodes, (delta, plain, whole), strict=True):
+    encodes = encode_steps(root, ft, base, jobs)
+    samples = measure(encodes, nbytes, repeats, original)
+    # measure() deletes what it times; make each delta once more, untimed, to keep it.
+    for step in encodes:
         subprocess.check_call(step.argv, stdout=subprocess.DEVNULL)
-        step.out.rename(folder)
+    delta, delta_v2, plain, whole = (s.out for s in encodes)
     base_files = [str(p) for p in files(base) if p.suffix == ".safetensors"]
     out, fast = root / "out", tmpfs / f"xorweights-bench-{os.getpid()}"
     fast.parent.mkdir(parents=True, exist_ok=True)
@@ -160,15 +225,22 @@ def bench_size(size: int, work: Path, tmpfs: Path, jobs: int, gzip_sample: int, 
         argv = [*XW, "decode", str(delta_dir), "--base", str(base), "-o", str(target), "-q", "--jobs", str(n)]
         return Step(name, argv, target, check=True)
 
+    # v3 and v2 twins sit next to each other, so each pair runs close in time.
+    compared = [
+        decode(decode_name(codec, place, n, jobs), out if place == "disk" else fast, d, n)
+        for place in PLACES
+        for n in COMPARED_JOBS
+        for codec, d in (("v3", delta), ("v2", delta_v2))
+    ]
+    if jobs not in COMPARED_JOBS:
+        compared.append(decode("decode", out, delta, jobs))
     decodes = [
         floor("floor, disk", root / "floor.bin", delta),
         floor("floor, disk, plain delta", root / "floor.bin", plain),
         floor("floor, tmpfs", fast, delta),
         Step("cp -r fine-tune, disk", ["bash", "-c", f"cp -r {ft} {out} && sync -f {out}"], out),
-        decode("decode", out, delta, jobs),
+        *compared,
         decode("decode --no-compress", out, plain, jobs),
-        decode("decode, tmpfs, --jobs 2", fast, delta, 2),
-        decode("decode, tmpfs, --jobs 1", fast, delta, 1),
         Step(
             "4 KiB whole-file decode",
             [PY, str(HERE / "baselines.py"), "xor4k", str(whole), str(base), str(out)],
@@ -176,7 +248,8 @@ def bench_size(size: int, work: Path, tmpfs: Path, jobs: int, gzip_sample: int, 
             True,
         ),
     ]
-    runs.update(measure(decodes, nbytes, repeats, original))
+    samples.update(measure(decodes, nbytes, repeats, original))
+    runs = {name: median_run(r) for name, r in samples.items()}
     plain_data = [str(p) for p in sorted(plain.glob("*.xwd"))]
     g = json.loads(subprocess.check_output([PY, str(HERE / "baselines.py"), "gzip9", str(gzip_sample), *plain_data]))
     print(
@@ -186,6 +259,7 @@ def bench_size(size: int, work: Path, tmpfs: Path, jobs: int, gzip_sample: int, 
         "model_tensor_bytes": nbytes,
         "model_files_bytes": du(ft),
         "delta_bytes": du(delta),
+        "delta_v2_bytes": du(delta_v2),
         "delta_plain_bytes": du(plain),
         "gzip9_estimated_bytes": int(du(plain) / g["ratio"]),
     }
@@ -193,12 +267,25 @@ def bench_size(size: int, work: Path, tmpfs: Path, jobs: int, gzip_sample: int, 
     return {
         "size": size,
         "runs": {k: {**asdict(v), "gbps": v.gbps} for k, v in runs.items()},
+        "samples_seconds": {k: [r.seconds for r in v] for k, v in samples.items()},
         "gzip9": g,
         "sizes": sizes,
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "v3_vs_v2": {
+            "delta_size_ratio": sizes["delta_bytes"] / sizes["delta_v2_bytes"],
+            "decode": codec_comparison(samples, jobs),
+        },
     }
 
 
-def targets(result: dict[str, object]) -> list[tuple[str, str, float, bool]]:
+Target = tuple[str, str, float, bool]
+
+
+def target(what: str, wanted: str, value: float, ok: bool) -> Target:
+    return (what, wanted, round(value, 3), ok)
+
+
+def targets(result: dict[str, object]) -> list[Target]:
     """The performance issue's targets, as (what, wanted, measured, met)."""
     out = []
     by_size = result["sizes"]
@@ -208,7 +295,7 @@ def targets(result: dict[str, object]) -> list[tuple[str, str, float, bool]]:
     s = big["sizes"]
 
     def add(what: str, wanted: str, value: float, ok: bool) -> None:
-        out.append((what, wanted, round(value, 3), ok))
+        out.append(target(what, wanted, value, ok))
 
     add(
         "decode --no-compress / floor, disk",
@@ -267,7 +354,60 @@ def targets(result: dict[str, object]) -> list[tuple[str, str, float, bool]]:
         enc / big["gzip9"]["bytes_per_s"],
         enc >= 50 * big["gzip9"]["bytes_per_s"],
     )
+    jobs = result["jobs"]
+    assert isinstance(jobs, int)
+    return out + codec_targets(big, jobs)
+
+
+def codec_targets(big: dict[str, object], jobs: int) -> list[Target]:
+    """The v3 codec's targets, each against v2 on the same model in the same run."""
+    runs, cmp = big["runs"], big["v3_vs_v2"]
+    assert isinstance(runs, dict) and isinstance(cmp, dict)
+    size = cmp["delta_size_ratio"]
+    out = [
+        target("v3 / v2 delta size, synthetic", "<= 0.85", size, size <= 0.85),
+        target("v3 / v2 delta size, synthetic (stretch)", "<= 0.78", size, size <= 0.78),
+    ]
+    for config, c in cmp["decode"].items():
+        out.append(
+            target(f"v3 / v2 decode, {config}, medians", "<= 1.0", c["ratio_of_medians"], c["ratio_of_medians"] <= 1.0)
+        )
+        out.append(
+            target(f"v3 / v2 decode, {config}, per round", "<= 1.0", c["paired_ratio"], c["paired_ratio"] <= 1.0)
+        )
+    floor = runs["floor, disk"]["seconds"]
+    for n in COMPARED_JOBS:
+        name = decode_name("v3", "disk", n, jobs)
+        if name != "decode":  # "decode / floor, disk" above is this one
+            t = runs[name]["seconds"] / floor
+            out.append(target(f"v3 decode, disk, --jobs {n} / floor, disk", "<= 1.3", t, t <= 1.3))
+    v3_rss = max(c["v3_max_rss_mib"] for c in cmp["decode"].values())
+    rss_ratio = max(c["v3_max_rss_mib"] / c["v2_max_rss_mib"] for c in cmp["decode"].values())
+    out.append(target("v3 decode peak RSS, MiB", "<= 300", v3_rss, v3_rss <= 300))
+    out.append(target("v3 / v2 decode peak RSS, worst place+jobs", "<= 1.1", rss_ratio, rss_ratio <= 1.1))
+    gzip_speed = big["gzip9"]["bytes_per_s"]  # type: ignore[index]
+    v2_speed = runs["encode v2 (--codec xor)"]["gbps"] * GB
+    out.append(
+        target("encode v2 throughput / gzip-9 throughput", ">= 50", v2_speed / gzip_speed, v2_speed >= 50 * gzip_speed)
+    )
     return out
+
+
+def comparison_table(big: dict[str, object]) -> str:
+    """v3 against v2 decodes of the largest model, as printed after the targets."""
+    cmp = big["v3_vs_v2"]
+    assert isinstance(cmp, dict)
+    lines = [
+        f"v3 / v2 delta size: {cmp['delta_size_ratio']:.3f}",
+        f"{'decode':<18} {'v3 s':>7} {'v2 s':>7} {'medians':>8} {'per round':>10} {'rounds':<22} {'v3 MiB':>7} {'v2 MiB':>7}",
+    ]
+    for config, c in cmp["decode"].items():
+        rounds = " ".join(f"{x:.2f}" for x in c["per_round_ratios"])
+        lines.append(
+            f"{config:<18} {c['v3_seconds']:>7.2f} {c['v2_seconds']:>7.2f} {c['ratio_of_medians']:>8.3f}"
+            f" {c['paired_ratio']:>10.3f} {rounds:<22} {c['v3_max_rss_mib']:>7.1f} {c['v2_max_rss_mib']:>7.1f}"
+        )
+    return "\n".join(lines)
 
 
 def plot(result: dict[str, object], path: Path) -> bool:
@@ -352,6 +492,7 @@ def main() -> None:
     print("\ntarget                                        wanted       measured  met")
     for what, wanted, value, ok in checks:
         print(f"{what:<45} {wanted:<12} {value:>8.3f}  {'yes' if ok else 'NO'}")
+    print("\n" + comparison_table(result["sizes"][-1]))  # type: ignore[index]
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     stem = out_dir / dt.date.today().isoformat()

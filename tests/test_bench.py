@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import files_digest
 
 import xorweights
@@ -14,8 +16,9 @@ import xorweights
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+def load(name: str, script: str | None = None):
+    """Import bench/<script>.py (default: ``name``) as the module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{script or name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -55,3 +58,24 @@ def test_synthetic_fine_tune_is_small_and_adds_rows(tmp_path, monkeypatch):
     assert result.manifest.tensors()[0].unprotected_bytes == synth.ADDED * 64 * 2
     xorweights.decode(delta, base, tmp_path / "out")
     assert files_digest(tmp_path / "out") == files_digest(ft)
+
+
+def test_codec_table_deltas_decode_bit_exactly(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    codecs = load("codec_sizes")
+    work, results = tmp_path / "work", tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["codec_sizes.py", "--quick", "--workdir", str(work), "--results", str(results)])
+    codecs.main()
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(codecs.DTYPES) * len(codecs.STRENGTHS)  # a header and every dtype x strength
+    (written,) = results.glob("codecs-*.json")
+    rows = json.loads(written.read_text())["rows"]
+    for row in rows:
+        case = codecs.real_case(work, row["dtype"], row["strength"])
+        for delta, stored in ((case.v2, row["sizes"]["v2_bytes"]), (case.v3, row["sizes"]["v3_bytes"])):
+            assert 0 < stored == sum(p.stat().st_size for p in delta.rglob("*") if p.is_file())
+            out = tmp_path / "out" / delta.relative_to(work)
+            xorweights.decode(delta, case.base, out)
+            assert files_digest(out) == files_digest(case.finetuned)
+        assert row["sizes"]["round_trips"]

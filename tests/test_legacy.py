@@ -8,10 +8,16 @@ level 9, and files without a counterpart in the base copied as they are.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import gzip
 import hashlib
+import importlib.util
 import json
+import os
 import shutil
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +28,8 @@ from conftest import partials, run
 
 import xorweights
 from xorweights import legacy
-from xorweights.errors import BaseMismatchError, VerifyFailed
-from xorweights.legacy import decode_legacy, detect_release, published_lists, read_md5_list
+from xorweights.errors import BaseMismatchError, InputFileError, VerifyFailed
+from xorweights.legacy import LegacyFile, decode_legacy, detect_release, published_lists, read_md5_list, xor_file
 
 SHARD1 = "pytorch_model-00001-of-00002.bin"
 SHARD2 = "pytorch_model-00002-of-00002.bin"
@@ -247,6 +253,226 @@ def test_a_check_needs_a_base_list(rel: Release, tmp_path: Path) -> None:
 def test_checksums_and_md5_files_are_exclusive(rel: Release, tmp_path: Path) -> None:
     r = run("decode-legacy", rel.payload, "-o", tmp_path / "out", *rel.options(), "--checksums", "x")
     assert "--checksums cannot be combined with --base-md5 or --out-md5" in one_error_line(r, 2)
+
+
+# ---------------------------------------------------------------- one pass: md5s on the stream, bounded buffers
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+class Sink:
+    """A write-only file in memory that also notes which buffer each chunk came from."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.data = bytearray()
+        self.buffers: set[int] = set()
+        self.writes = 0
+        self.stop_at = stop_at
+
+    def write(self, chunk: np.ndarray) -> int:
+        self.writes += 1
+        if self.writes == self.stop_at:
+            raise KeyboardInterrupt
+        self.buffers.add(chunk.__array_interface__["data"][0])
+        self.data += chunk.tobytes()
+        return chunk.nbytes
+
+
+def decode_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("decode-legacy")]
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize(
+    ("base_len", "ft_len"),
+    [(3000, 5000), (5000, 3000), (4000, 4000), (0, 2000)],
+    ids=["base-shorter", "base-longer", "equal", "base-empty"],
+)
+def test_one_read_gives_the_output_its_md5_and_the_whole_base_md5(
+    tmp_path: Path, base_len: int, ft_len: int, compress: bool
+) -> None:
+    rng = np.random.default_rng(base_len * 7 + ft_len)
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    base.mkdir()
+    ft.mkdir()
+    (base / SHARD1).write_bytes(noise(rng, base_len))
+    (ft / SHARD1).write_bytes(noise(rng, ft_len))
+    legacy_encode(ft, base, tmp_path / "payload", compress)
+    job = LegacyFile(SHARD1, tmp_path / "payload" / SHARD1, base / SHARD1, compress, None, base_md5="0" * 32)
+    sink = Sink()
+    digests = xor_file(job, sink, 7)  # a chunk size that divides none of the lengths: every boundary is crossed
+    assert bytes(sink.data) == (ft / SHARD1).read_bytes()
+    assert digests.out == md5((ft / SHARD1).read_bytes())
+    # The md5 of the whole base file, also of the bytes past the payload's end that the XOR never used.
+    assert digests.base == md5((base / SHARD1).read_bytes())
+    # Hundreds of chunks went through no more buffers than the pipeline holds: memory does not grow with the file.
+    assert sink.writes > 250 and len(sink.buffers) <= legacy.SLOTS
+    assert decode_threads() == []
+    unchecked = LegacyFile(SHARD1, job.payload, job.base, compress, None)
+    assert xor_file(unchecked, Sink(), 7).base is None  # --no-check: the base is not hashed
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_any_pipeline_depth_gives_the_same_bytes(rel: Release, tmp_path: Path, monkeypatch, slots: int) -> None:
+    monkeypatch.setattr(legacy, "SLOTS", slots)
+    decode_legacy(rel.payload, rel.base, tmp_path / "out", rel.base_md5, rel.out_md5, chunk_bytes=333)
+    assert_same_files(tmp_path / "out", rel.finetuned)
+
+
+def test_a_base_that_differs_is_caught_in_the_decode_and_nothing_made_from_it_is_kept(
+    rel: Release, tmp_path: Path
+) -> None:
+    """No base file is missing, so no pass runs before the decode: the md5s are taken from the decode's own reads."""
+    good = {name: (rel.base / name).read_bytes() for name in (SHARD2, "tokenizer.model")}
+    data = bytearray(good[SHARD2])
+    data[100] ^= 1
+    (rel.base / SHARD2).write_bytes(bytes(data))
+    (rel.base / "tokenizer.model").write_bytes(noise(np.random.default_rng(9), 800))
+    out = tmp_path / "out"
+    with pytest.raises(BaseMismatchError) as exc:
+        decode_legacy(rel.payload, rel.base, out, rel.base_md5, rel.out_md5, chunk_bytes=1000)
+    # Every differing file is named, the one after the first too, in the message a check before decoding gave.
+    assert exc.value.message.startswith(
+        f"{rel.base}: 2 of 4 base files differ from the published list {rel.base_md5}: {SHARD2}, tokenizer.model; "
+        "a whole-file XOR release decodes only from these exact files, byte for byte"
+    )
+    assert "xorweights migrate" in exc.value.hint
+    # The files before it had their base checked and their output too: they are kept, bit-exact.
+    kept = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert kept == ["added_tokens.json", "config.json", SHARD1]
+    for name in kept:
+        assert (out / name).read_bytes() == (rel.finetuned / name).read_bytes()
+    assert partials(out) == [] and decode_threads() == []
+    line = one_error_line(run("decode-legacy", rel.payload, "-o", tmp_path / "cli", *rel.options()), 1)
+    assert f"2 of 4 base files differ from the published list {rel.base_md5}: {SHARD2}, tokenizer.model;" in line
+    for name, content in good.items():  # the right base: a second run decodes the rest
+        (rel.base / name).write_bytes(content)
+    result = decode_legacy(rel.payload, rel.base, out, rel.base_md5, rel.out_md5)
+    assert sorted(result.skipped) == kept and sorted(result.written) == [SHARD2, "tokenizer.model"]
+    assert_same_files(out, rel.finetuned)
+
+
+def test_without_an_output_list_the_base_check_alone_keeps_a_wrong_file_out(rel: Release, tmp_path: Path) -> None:
+    # SHARD2's base is longer than its payload: bytes past the payload's end change no output byte,
+    # yet the whole file is not the listed one, and only the md5 of the whole file is published.
+    with (rel.base / SHARD2).open("ab") as f:
+        f.write(b"trailing bytes")
+    out = tmp_path / "out"
+    with pytest.raises(BaseMismatchError, match=f"1 of 4 base files differ from the published list .*: {SHARD2};"):
+        decode_legacy(rel.payload, rel.base, out, base_md5=rel.base_md5, chunk_bytes=4096)
+    assert not (out / SHARD2).exists() and partials(out) == []
+
+
+def test_a_payload_that_breaks_midway_is_refused_and_the_reader_stops(tmp_path: Path) -> None:
+    rel = make_release(tmp_path / "release", compress=True)
+    data = (rel.payload / SHARD1).read_bytes()
+    (rel.payload / SHARD1).write_bytes(data[: len(data) // 2])  # gzip that ends before its end-of-stream marker
+    out = tmp_path / "out"
+    line = one_error_line(run("decode-legacy", rel.payload, "-o", out, *rel.options()), 3)
+    assert f"{rel.payload / SHARD1}: starts like gzip but does not decompress" in line
+    assert "(hint: re-download this XOR file)" in line
+    assert not (out / SHARD1).exists() and partials(out) == []
+    assert decode_threads() == []
+
+
+def test_an_interrupt_while_writing_stops_the_reader(rel: Release) -> None:
+    job = LegacyFile(SHARD1, rel.payload / SHARD1, rel.base / SHARD1, False, None, base_md5="0" * 32)
+    sink = Sink(stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        xor_file(job, sink, 100)
+    assert len(sink.data) == 200  # the chunks before it were written, in order
+    assert bytes(sink.data) == (rel.finetuned / SHARD1).read_bytes()[:200]
+    assert decode_threads() == []
+
+
+@pytest.mark.parametrize("side", ["payload", "base"])
+def test_the_decode_reads_through_the_input_gate(rel: Release, tmp_path: Path, side: str) -> None:
+    """xor_file opens what it reads itself, as the plan did: a link out of its folder is refused there too."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"s" * 100)
+    (rel.payload / "x.bin").write_bytes(b"x" * 100)
+    (rel.base / "x.bin").write_bytes(b"b" * 100)
+    folder = rel.payload if side == "payload" else rel.base
+    (folder / "x.bin").unlink()
+    (folder / "x.bin").symlink_to(secret)
+    job = LegacyFile("x.bin", rel.payload / "x.bin", rel.base / "x.bin", False, None)
+    sink = Sink()
+    with pytest.raises(InputFileError, match=f"a symbolic link to {secret}, outside {folder}; refused"):
+        xor_file(job, sink, 16)
+    assert sink.data == b""
+
+
+def test_whole_chunks_go_to_the_disk_direct_and_the_last_through_the_page_cache(
+    rel: Release, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, direct = fcntl.fcntl, []
+
+    def spy(fd: int, cmd: int, arg: int = 0) -> int:
+        done = real(fd, cmd, arg)
+        if cmd == fcntl.F_SETFL:
+            direct.append(bool(arg & os.O_DIRECT))
+        return done
+
+    monkeypatch.setattr(fcntl, "fcntl", spy)
+    out = tmp_path / "out"
+    decode_legacy(rel.payload, rel.base, out, rel.base_md5, rel.out_md5, chunk_bytes=legacy.DIRECT_ALIGN)
+    assert_same_files(out, rel.finetuned)  # SHARD1: one whole chunk of 4096 bytes, then 2904
+    if not direct:
+        pytest.skip(f"{tmp_path}: this file system takes no O_DIRECT")
+    assert direct.count(True) == 5 and direct.count(False) == 5  # on for each file, and back off once it is written
+    direct.clear()
+    decode_legacy(rel.payload, rel.base, tmp_path / "odd", rel.base_md5, rel.out_md5, chunk_bytes=4000)
+    assert direct == []  # chunks that are not whole blocks never ask for it
+
+
+@pytest.mark.parametrize("refused", ["flag", "write"])
+def test_a_file_system_that_refuses_direct_writes_gets_the_same_bytes(
+    rel: Release, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    real_fcntl, real_write = fcntl.fcntl, os.write
+
+    def no_direct_flag(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, cmd, arg)
+
+    def no_direct_write(fd: int, data: memoryview) -> int:
+        if real_fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    if refused == "flag":
+        monkeypatch.setattr(fcntl, "fcntl", no_direct_flag)
+    else:
+        monkeypatch.setattr(os, "write", no_direct_write)
+    decode_legacy(rel.payload, rel.base, tmp_path / "out", rel.base_md5, rel.out_md5, chunk_bytes=4096)
+    monkeypatch.undo()
+    assert_same_files(tmp_path / "out", rel.finetuned)
+
+
+def test_a_file_given_to_xor_file_keeps_its_bytes_and_its_flags(rel: Release, tmp_path: Path) -> None:
+    job = LegacyFile(SHARD1, rel.payload / SHARD1, rel.base / SHARD1, False, None)
+    with (tmp_path / "dst").open("wb") as dst:
+        dst.write(b"head")  # still in the file object's buffer, and it leaves every later offset unaligned
+        digests = xor_file(job, dst, 4096)
+        assert not fcntl.fcntl(dst.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+    want = (rel.finetuned / SHARD1).read_bytes()
+    assert (tmp_path / "dst").read_bytes() == b"head" + want and digests.out == md5(want)
+
+
+def test_the_bench_encoder_agrees_with_this_one(rel: Release, tmp_path: Path, monkeypatch) -> None:
+    """bench/legacy.py builds its release with its own streamed encoder: a wrong one would time the wrong work."""
+    spec = importlib.util.spec_from_file_location("bench_legacy", Path(__file__).parents[1] / "bench" / "legacy.py")
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_legacy", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    payload = tmp_path / "payload"
+    bench.legacy_encode(rel.finetuned, rel.base, payload)
+    assert_same_files(payload, rel.payload)
+    assert read_md5_list(bench.md5_list(rel.base, tmp_path / "b.md5")).sums == read_md5_list(rel.base_md5).sums
 
 
 # ---------------------------------------------------------------- published lists under checksums/

@@ -744,9 +744,10 @@ def decode_legacy(
 ) -> None:
     """Decode a whole-file XOR release made with OpenAssistant's xor_codec.py.
 
-    The base files are checked against the release's published md5 list
-    before anything is written, and every decoded file against the output
-    list before it gets its final name. A second run resumes.
+    Each base file is checked against the release's published md5 list, and
+    every decoded file against the output list, before the decoded file gets
+    its final name; both md5s are computed while the bytes are read once. A
+    second run resumes.
 
     Examples:
 
