@@ -43,7 +43,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
-GB = 10**9
+# bench/ is a folder of scripts, not a package; run.py is a sibling script.
+sys.path.insert(0, str(HERE))
+from run import GB, parse_size  # noqa: E402
+
 BLOCK = 16 << 20
 # A file the fine-tune adds, with no counterpart in the base: the codec copies it as it is.
 ADDED_TOKENS = b'{"<|prompter|>": 32000, "<|assistant|>": 32001, "<|system|>": 32002}'
@@ -238,14 +241,6 @@ def bench(root: Path, size: int, rounds: int) -> dict[str, object]:
         "decode_legacy_peak_rss_mib": rss,
         "target": {"what": "reference / decode-legacy", "wanted": ">= 1.5", "met": ratio >= 1.5},
     }
-
-
-def parse_size(text: str) -> int:
-    units = {"GB": GB, "MB": 10**6, "GIB": 1 << 30, "MIB": 1 << 20}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 if __name__ == "__main__":

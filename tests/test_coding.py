@@ -9,7 +9,7 @@ import pytest
 from conftest import files_digest, run
 
 import xorweights
-from xorweights.delta.coding import BLOCK_ELEMENTS, LITERAL_XOR, decode_into, encode_into
+from xorweights.delta.coding import BLOCK_BYTES, LITERAL_XOR, decode_into, encode_into
 from xorweights.delta.kernel import FrameCodec, group_bytes
 from xorweights.delta.manifest import MANIFEST_NAME
 from xorweights.errors import ManifestError
@@ -62,9 +62,10 @@ def test_a_carry_is_a_small_number() -> None:
 @pytest.mark.parametrize("grouped", [True, False])
 def test_decode_inverts_encode_across_blocks_and_a_partial_base(coding: str, width: int, grouped: bool) -> None:
     rng = np.random.default_rng(7 * width)
-    count = 2 * BLOCK_ELEMENTS + 123  # blocks and a ragged end
+    block = BLOCK_BYTES // width
+    count = 2 * block + 123  # blocks and a ragged end
     target = _elements(rng, count, width)
-    for covered in (0, 1, BLOCK_ELEMENTS - 1, BLOCK_ELEMENTS + 5, count):
+    for covered in (0, 1, block - 1, block + 5, count):
         base = _elements(rng, covered, width)
         coded = np.empty_like(target)
         encode_into(coding, target, base, coded, width)
