@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import xorweights
-from xorweights.delta.coding import LITERAL_XOR, NO_BASE, decode_into
+from xorweights.delta.coding import CODINGS, LITERAL_XOR, NO_BASE, decode_into, encode_into
 from xorweights.delta.kernel import FrameCodec, group_bytes
 from xorweights.delta.manifest import load_checksums, parse_manifest
 from xorweights.errors import DeltaCorruptError, InputFileError, ManifestError
@@ -175,6 +175,29 @@ def test_frame_codec_and_byte_grouping_round_trip(raw: bytes, width: int, compre
     out = np.empty_like(data)
     codec.decode(frame, width, out, "x")
     assert out.tobytes() == data.tobytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.binary(max_size=512),
+    base_raw=st.binary(max_size=512),
+    width=widths,
+    compression=compressions,
+    coding=st.sampled_from(CODINGS),
+)
+def test_every_coding_round_trips_against_any_base_prefix(
+    raw: bytes, base_raw: bytes, width: int, compression: str, coding: str
+) -> None:
+    """Encode then decode a frame against a base covering any whole-element prefix of it: the target comes back."""
+    target = _whole_elements(raw, width)
+    base = _whole_elements(base_raw, width)[: len(target)]
+    coded = np.empty_like(target)
+    encode_into(coding, target, base, coded, width)
+    codec = FrameCodec(compression)
+    frame = bytes(codec.encode(coded, width))
+    out = np.empty_like(target)
+    codec.decode(frame, width, out, "x", base, coding)
+    assert out.tobytes() == target.tobytes()
 
 
 @settings(max_examples=300, deadline=None)
