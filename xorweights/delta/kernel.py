@@ -1,11 +1,12 @@
-"""The byte-level kernel: XOR, byte grouping, frames and tensor hashes.
+"""The byte-level kernel: byte grouping, frames and tensor hashes.
 
-A *frame* is one chunk of a tensor's XOR stream (at most ``MAX_FRAME_BYTES``).
+A *frame* is one chunk of a tensor's stream (at most ``MAX_FRAME_BYTES``):
+its XOR with the base, stored through the tensor's coding (:mod:`.coding`).
 Compressed frames are independent zstd frames with the content size and
 zstd's own checksum in their header, so each one decodes and checks alone.
 Before compression the bytes are grouped by their position in an element
-(all first bytes, then all second bytes, ...): in the XOR of a fine-tune and
-its base the sign and exponent bytes are mostly zero and compress well.
+(all first bytes, then all second bytes, ...): in the stream of a fine-tune
+against its base the high bytes are mostly zero and compress well.
 """
 
 from __future__ import annotations
