@@ -49,6 +49,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[str] = []
+        self.failures: dict[str, int] = {}  # file name -> GETs of it still to answer with HTTP 503
         self.url = ""
         self._lock = threading.Lock()
 
@@ -131,6 +132,13 @@ class FakeHub:
             _error(h, 404, "EntryNotFound", f"{name} not found", {"X-Repo-Commit": sha})
             return
         headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+        with self._lock:
+            fail = method == "GET" and self.failures.get(name, 0) > 0
+            if fail:
+                self.failures[name] -= 1
+        if fail:
+            _error(h, 503, "", "Service Unavailable", headers)
+            return
         _send(h, 200, data if method == "GET" else b"", headers, len(data))
 
 

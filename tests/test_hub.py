@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 from conftest import files_digest
 from hub_server import FakeHub, folder_files, serve
@@ -30,6 +31,9 @@ from xorweights.hub.resolve import is_repo_id
 
 TIMEOUT = 120  # seconds, for any one command or test
 CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens: a request that should not happen fails fast
+# huggingface_hub before 1.0 retries a 5xx five times itself, with waits of its
+# own, before xorweights sees the error; from 1.0 it gives up at the first.
+HUB_RETRIES_SERVER_ERRORS = int(huggingface_hub.__version__.split(".")[0]) < 1
 
 
 @pytest.fixture(autouse=True)
@@ -383,3 +387,50 @@ def test_local_folders_still_win_over_repo_ids(tmp_path, released):
     assert r.returncode == 0, r.stderr
     assert files_digest(tmp_path / "out") == files_digest(pair.finetuned)
     assert not run.cache.exists()
+
+
+def test_a_server_error_on_a_file_is_retried_and_the_decode_completes(tmp_path, released, hub):
+    pair, delta = released
+    hub.commit("org/delta", delta)
+    hub.commit("org/base", pair.base)
+    data_file = load_manifest(delta).weight_files[0].data_file
+    hub.failures[data_file] = 2  # snapshot_download alone gives up at the first 503
+    run = Runner(tmp_path)
+    r = run("decode", "org/delta", "--base", "org/base", "-o", tmp_path / "out", endpoint=hub.url)
+    assert r.returncode == 0, r.stderr
+    assert files_digest(tmp_path / "out") == files_digest(pair.finetuned)
+    assert hub.failures[data_file] == 0
+    if HUB_RETRIES_SERVER_ERRORS:
+        return  # huggingface_hub 0.x retried them itself, with lines of its own
+    assert f"delta org/delta: {hub.url} answered HTTP 503; trying again in 1 s (attempt 2 of 5)" in r.stderr
+    assert "trying again in 2 s (attempt 3 of 5)" in r.stderr
+    assert "attempt 4" not in r.stderr
+
+
+@pytest.mark.skipif(HUB_RETRIES_SERVER_ERRORS, reason="huggingface_hub 0.x waits about a minute in its own retries")
+def test_server_errors_past_the_last_retry_are_one_line(tmp_path, released, hub):
+    pair, delta = released
+    hub.commit("org/delta", delta)
+    data_file = load_manifest(delta).weight_files[0].data_file
+    hub.failures[data_file] = 99
+    run = Runner(tmp_path)
+    script = (
+        "import sys, xorweights.hub.client as client\n"
+        "client.RETRY_DELAYS_S = (0.01, 0.01)\n"  # the same path, without 15 s of waiting
+        "from xorweights.entry import main\n"
+        "sys.argv = ['xorweights', 'decode', 'org/delta', '--base', 'base', '-o', 'out', '-q']\n"
+        "main()\n"
+    )
+    r = run.python("-c", script, endpoint=hub.url)
+    assert r.returncode == 4, r.stderr
+    *retries, error = r.stderr.strip().splitlines()
+    assert retries == [
+        f"xorweights: warning: delta org/delta: {hub.url} answered HTTP 503; trying again in 0.01 s (attempt {n} of 3)"
+        for n in (2, 3)
+    ]
+    assert error == (
+        f"xorweights: error: delta org/delta: {hub.url} answered HTTP 503, 3 times in a row "
+        "(hint: try again later, or pass a local folder)"
+    )
+    assert hub.fetched("org/delta").count(data_file) == 3  # the first try and two retries
+    assert not (run.cwd / "out").exists()

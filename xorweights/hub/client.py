@@ -6,6 +6,8 @@ local folders never pays for them.
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from huggingface_hub.utils import (
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from ..errors import HubDownloadError
+from ..errors import HubDownloadError, XorWeightsWarning
 from .refs import Resolved, current_token
 
 # The HTTP client's own errors (a refused connection, a proxy, TLS): httpx's
@@ -41,6 +43,12 @@ _HUB_ERRORS: tuple[type[BaseException], ...] = (
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, *_CLIENT_ERRORS)
 
 AUTH_HINT = "check the name; for a private or gated repo set HF_TOKEN or run `hf auth login`"
+
+# snapshot_download retries 408 and 429 on a file body, not a server error, so
+# one 503 would stop a decode. These statuses say "try again": the whole call is
+# repeated after each delay (files already complete come from the cache).
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)
 
 
 class _SilentTqdm(hf_tqdm):
@@ -73,29 +81,53 @@ def fetch(
     progress: bool,
     revision_note: str = "",
 ) -> Resolved:
-    """The snapshot folder of the files ``allow`` and ``ignore`` select, from the cache or the Hub."""
-    try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                allow_patterns=list(allow) if allow is not None else None,
-                ignore_patterns=list(ignore) if ignore is not None else None,
-                tqdm_class=None if progress else _SilentTqdm,
-                token=current_token(),
+    """The snapshot folder of the files ``allow`` and ``ignore`` select, from the cache or the Hub.
+
+    A server error (:data:`RETRY_STATUSES`) is retried after each of
+    :data:`RETRY_DELAYS_S`, with a warning line each time; any other error,
+    or the last server error, is explained in one line.
+    """
+    for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
+        try:
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    allow_patterns=list(allow) if allow is not None else None,
+                    ignore_patterns=list(ignore) if ignore is not None else None,
+                    tqdm_class=None if progress else _SilentTqdm,
+                    token=current_token(),
+                )
             )
-        )
-    except _HUB_ERRORS as exc:
-        raise _explain(exc, repo_id, revision, role, revision_note) from exc
-    return Resolved(folder, repo_id, folder.name)  # a cache snapshot folder is named by its commit sha
+        except _HUB_ERRORS as exc:
+            status = _status(exc)
+            if delay is None or status not in RETRY_STATUSES:
+                raise _explain(exc, repo_id, revision, role, revision_note, attempt) from exc
+            warnings.warn(
+                f"{role} {repo_id}: {constants.ENDPOINT} answered HTTP {status}; "
+                f"trying again in {delay:g} s (attempt {attempt + 1} of {len(RETRY_DELAYS_S) + 1})",
+                XorWeightsWarning,
+                stacklevel=2,
+            )
+            time.sleep(delay)
+            continue
+        return Resolved(folder, repo_id, folder.name)  # a cache snapshot folder is named by its commit sha
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _explain(exc: Exception, repo_id: str, revision: str | None, role: str, revision_note: str) -> HubDownloadError:
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of a Hub error, if it came with a response."""
+    return exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+
+
+def _explain(
+    exc: Exception, repo_id: str, revision: str | None, role: str, revision_note: str, attempts: int = 1
+) -> HubDownloadError:
     """One line that names the repo and says how to fix it."""
     ref = f"{repo_id}@{revision}" if revision else repo_id
     where = f"{role} {ref}"
     endpoint = constants.ENDPOINT
-    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+    status = _status(exc)
     if isinstance(exc, GatedRepoError):
         return HubDownloadError(
             f"{where}: a gated repo on {endpoint}, and your token has no access to it",
@@ -127,8 +159,9 @@ def _explain(exc: Exception, repo_id: str, revision: str | None, role: str, revi
             "check your connection and HF_ENDPOINT, or pass a local folder",
         )
     if status is not None:
+        times = f", {attempts} times in a row" if attempts > 1 else ""
         return HubDownloadError(
-            f"{where}: {endpoint} answered HTTP {status}", "try again later, or pass a local folder"
+            f"{where}: {endpoint} answered HTTP {status}{times}", "try again later, or pass a local folder"
         )
     return HubDownloadError(
         f"{where}: could not reach {endpoint} ({type(exc).__name__})",
