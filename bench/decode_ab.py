@@ -22,28 +22,22 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # bench/ is a folder of scripts, not a package; run.py is a sibling script.
 sys.path.insert(0, str(HERE))
-from run import PY, XW, parse_size, tree_hash  # noqa: E402
+from run import PY, XW, Run, parse_size, timed, tree_hash  # noqa: E402
 
 CODECS = ("xor", "zigzag-diff")  # format 2, format 3
 
 
-def decode_once(delta: Path, base: Path, out: Path, jobs: int) -> tuple[float, float]:
-    """Wall and CPU seconds of one decode into a fresh ``out``."""
+def decode_once(delta: Path, base: Path, out: Path, jobs: int, nbytes: int) -> Run:
+    """One timed decode into a fresh ``out``."""
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    start = time.perf_counter()
-    proc = subprocess.Popen([*XW, "decode", str(delta), "--base", str(base), "-o", str(out), "-q", "--jobs", str(jobs)])
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status:
-        raise SystemExit(f"decode of {delta} failed ({status})")
-    return wall, usage.ru_utime + usage.ru_stime
+    argv = [*XW, "decode", str(delta), "--base", str(base), "-o", str(out), "-q", "--jobs", str(jobs)]
+    return timed(f"decode {delta.name}, --jobs {jobs}, {out.parent}", argv, nbytes)
 
 
 def main() -> None:
@@ -71,11 +65,11 @@ def main() -> None:
             for place, jobs in cases:
                 for codec in CODECS if r % 2 == 0 else CODECS[::-1]:
                     key = f"{place} --jobs {jobs} {codec}"
-                    w, c = decode_once(root / codec, base, outs[place], jobs)
+                    run = decode_once(root / codec, base, outs[place], jobs, nbytes)
                     if r == 0 and tree_hash(outs[place]) != original:
                         raise SystemExit(f"{key}: output differs from the fine-tune")
-                    wall.setdefault(key, []).append(w)
-                    cpu.setdefault(key, []).append(c)
+                    wall.setdefault(key, []).append(run.seconds)
+                    cpu.setdefault(key, []).append(run.cpu_seconds)
     finally:
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)

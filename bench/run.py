@@ -48,6 +48,7 @@ class Run:
     seconds: float
     max_rss_mib: float
     bytes: int  # the model's tensor bytes, for throughput
+    cpu_seconds: float = 0.0  # user + system of the child, which the disk's noise does not move
 
     @property
     def gbps(self) -> float:
@@ -63,7 +64,7 @@ def timed(name: str, argv: list[str], nbytes: int) -> Run:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{name} failed with exit code {proc.returncode}: {' '.join(argv)}")
-    run = Run(name, seconds, usage.ru_maxrss / 1024, nbytes)
+    run = Run(name, seconds, usage.ru_maxrss / 1024, nbytes, usage.ru_utime + usage.ru_stime)
     print(f"  {name:<34} {seconds:7.2f} s  {run.gbps:6.2f} GB/s  {run.max_rss_mib:7.1f} MiB", flush=True)
     return run
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from conftest import files_digest, run
+from test_errors import read_manifest as _manifest
 
 import xorweights
 from xorweights.delta.coding import BLOCK_BYTES, LITERAL_XOR, decode_into, encode_into
@@ -92,10 +93,6 @@ def test_frame_codec_decodes_zigzag_diff_frames(compression: str) -> None:
     out = np.empty_like(target)
     codec.decode(frame, 2, out, "t", base, "zigzag-diff")
     assert out.tobytes() == target.tobytes()
-
-
-def _manifest(delta):
-    return json.loads((delta / MANIFEST_NAME).read_text())
 
 
 def test_encode_writes_format_3_by_default_and_codec_xor_writes_format_2(tmp_path, pair) -> None:

@@ -59,21 +59,20 @@ def _words(data: np.ndarray, width: int) -> np.ndarray:
     return data.view(_UNSIGNED[width])
 
 
-def _zigzag(d: np.ndarray, width: int, out: np.ndarray, tmp: np.ndarray) -> None:
-    """``out = zigzag(d)``: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..., reading ``d`` as n-bit two's complement."""
-    signed, signed_tmp = d.view(_SIGNED[width]), tmp.view(_SIGNED[width])
-    np.right_shift(signed, 8 * width - 1, out=signed_tmp)  # all ones where d < 0
-    np.left_shift(d, 1, out=out)
-    np.bitwise_xor(out, tmp, out=out)
+def _zigzag(d: np.ndarray, width: int, tmp: np.ndarray) -> None:
+    """``d = zigzag(d)`` in place: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..., reading ``d`` as n-bit two's complement."""
+    np.right_shift(d.view(_SIGNED[width]), 8 * width - 1, out=tmp.view(_SIGNED[width]))  # all ones where d < 0
+    np.left_shift(d, 1, out=d)
+    np.bitwise_xor(d, tmp, out=d)
 
 
-def _unzigzag_add(z: np.ndarray, base: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
-    """``out = base + unzigzag(z)`` modulo 2^n; ``out`` may be ``z``."""
+def _unzigzag_add(z: np.ndarray, base: np.ndarray, tmp: np.ndarray) -> None:
+    """``z = base + unzigzag(z)`` in place, modulo 2^n."""
     np.bitwise_and(z, 1, out=tmp)
     np.negative(tmp, out=tmp)  # 0 or all ones
-    np.right_shift(z, 1, out=out)
-    np.bitwise_xor(out, tmp, out=out)
-    np.add(out, base, out=out)
+    np.right_shift(z, 1, out=z)
+    np.bitwise_xor(z, tmp, out=z)
+    np.add(z, base, out=z)
 
 
 def encode_into(coding: str, target: np.ndarray, base: np.ndarray, out: np.ndarray, width: int) -> None:
@@ -91,7 +90,7 @@ def encode_into(coding: str, target: np.ndarray, base: np.ndarray, out: np.ndarr
         for lo in range(0, len(t), len(tmp)):
             hi = min(lo + len(tmp), len(t))
             np.subtract(t[lo:hi], b[lo:hi], out=o[lo:hi])
-            _zigzag(o[lo:hi], width, o[lo:hi], tmp[: hi - lo])
+            _zigzag(o[lo:hi], width, tmp[: hi - lo])
     out[k : len(target)] = target[k:]
 
 
@@ -130,4 +129,4 @@ def decode_into(coding: str, grouped: np.ndarray | None, coded: np.ndarray, base
         if coding == LITERAL_XOR:
             np.bitwise_xor(part, b[lo:top], out=part)
         else:
-            _unzigzag_add(part, b[lo:top], part, tmp[: top - lo])
+            _unzigzag_add(part, b[lo:top], tmp[: top - lo])

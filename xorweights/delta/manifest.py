@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 from .. import __version__
 from ..errors import DeltaCorruptError, ManifestError
 from ..inputs import MAX_MANIFEST_BYTES, InputFolder, load_json
-from ..readers.dtypes import ITEMSIZE, can_cast
+from ..readers.dtypes import ITEMSIZE, can_cast, tensor_nbytes
 from .coding import CODINGS, LITERAL_XOR
 
 DELTA_FORMAT = "xorweights-delta"
@@ -69,10 +69,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        n = ITEMSIZE[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
     @property
     def unprotected_bytes(self) -> int:

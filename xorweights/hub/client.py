@@ -87,7 +87,8 @@ def fetch(
     :data:`RETRY_DELAYS_S`, with a warning line each time; any other error,
     or the last server error, is explained in one line.
     """
-    for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
+    attempt = 1
+    while True:
         try:
             folder = Path(
                 snapshot_download(
@@ -101,8 +102,9 @@ def fetch(
             )
         except _HUB_ERRORS as exc:
             status = _status(exc)
-            if delay is None or status not in RETRY_STATUSES:
+            if attempt > len(RETRY_DELAYS_S) or status not in RETRY_STATUSES:
                 raise _explain(exc, repo_id, revision, role, revision_note, attempt) from exc
+            delay = RETRY_DELAYS_S[attempt - 1]
             warnings.warn(
                 f"{role} {repo_id}: {constants.ENDPOINT} answered HTTP {status}; "
                 f"trying again in {delay:g} s (attempt {attempt + 1} of {len(RETRY_DELAYS_S) + 1})",
@@ -110,9 +112,9 @@ def fetch(
                 stacklevel=2,
             )
             time.sleep(delay)
+            attempt += 1
             continue
         return Resolved(folder, repo_id, folder.name)  # a cache snapshot folder is named by its commit sha
-    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _status(exc: BaseException) -> int | None:

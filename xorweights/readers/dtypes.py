@@ -26,6 +26,8 @@ integer rules, never by numpy's or the CPU's float conversion:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # Byte width of every safetensors dtype xorweights handles: every dtype that
@@ -87,6 +89,11 @@ TORCH_NAMES: dict[str, str] = {
     "F64": "float64",
     "C64": "complex64",
 }
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Bytes a tensor of ``dtype`` and ``shape`` takes."""
+    return math.prod(shape) * ITEMSIZE[dtype]
 
 
 def unsupported(dtype: str) -> str | None:

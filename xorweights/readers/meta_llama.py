@@ -17,7 +17,6 @@ stays in the page cache instead of the heap.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import threading
@@ -30,7 +29,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..torch_import import require_torch
-from .dtypes import FLOAT_CASTABLE, ITEMSIZE
+from .dtypes import FLOAT_CASTABLE, tensor_nbytes
 from .tensor_ref import TensorRef
 from .torch_pickle import TORCH_DTYPES, TorchTensorSource, load_weights
 
@@ -117,7 +116,7 @@ def open_meta(folder: Path) -> tuple[dict[str, TensorRef], Callable[[], None]]:
             # Stored as HF wants it: bytes straight from the mapped shard, no copy.
             source = TorchTensorSource(shards.pieces(plan.meta_name)[0], mapped=True)
         else:
-            source = _ConvertedSource(shards, plan, math.prod(shape) * ITEMSIZE[dtype])
+            source = _ConvertedSource(shards, plan, tensor_nbytes(dtype, shape))
             converted.append(source)
         refs[plan.hf_name] = TensorRef(plan.hf_name, dtype, shape, source, str(paths[0]))
 

@@ -8,7 +8,6 @@ and lets callers page through a 4 GB tensor chunk by chunk.
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import struct
@@ -20,7 +19,7 @@ import numpy as np
 
 from ..errors import CheckpointError, InputFileError
 from ..inputs import InputFolder
-from .dtypes import ITEMSIZE, unsupported
+from .dtypes import ITEMSIZE, tensor_nbytes, unsupported
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ALIGN = 8
@@ -99,7 +98,7 @@ def parse_header(header: bytes, data_size: int, where: str) -> tuple[list[Tensor
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
             raise bad(f"tensor {name!r} has data_offsets {offsets!r} outside the {data_size} data bytes")
-        expected = math.prod(shape) * ITEMSIZE[dtype]
+        expected = tensor_nbytes(dtype, shape)
         if offsets[1] - offsets[0] != expected:
             raise bad(
                 f"tensor {name!r} is {dtype}{shape}, {expected} bytes, "
@@ -224,7 +223,7 @@ def build_header(
     layout: list[TensorInfo] = []
     position = 0
     for name, dtype, shape in tensors:
-        n = math.prod(shape) * ITEMSIZE[dtype]
+        n = tensor_nbytes(dtype, shape)
         obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + n]}
         layout.append(TensorInfo(name, dtype, tuple(shape), position, position + n))
         position += n

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .dtypes import ITEMSIZE
+from .dtypes import ITEMSIZE, tensor_nbytes
 
 
 class TensorSource(Protocol):
@@ -36,7 +36,4 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        n = self.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
