@@ -247,12 +247,25 @@ def test_decode_over_http_fetches_only_what_it_needs_then_works_offline(tmp_path
     r = run("decode", "org/delta", "--base", "org/base", "-o", tmp_path / "out", "-q", endpoint=hub.url)
     assert r.returncode == 0, r.stderr
     assert files_digest(tmp_path / "out") == files_digest(pair.finetuned)
-    assert sorted(hub.fetched("org/delta")) == sorted(folder_files(delta))
+    data_files = {wf.data_file for wf in load_manifest(delta).weight_files}
+    assert set(hub.fetched("org/delta")) == set(folder_files(delta))
+    assert sorted(n for n in hub.fetched("org/delta") if n not in data_files) == sorted(
+        set(folder_files(delta)) - data_files
+    )
     referenced = {of.name for of in load_manifest(delta).other_files if of.mode == "reference"}
     weights = {n for n in base_files if n.endswith((".safetensors", ".safetensors.index.json"))}
     assert sorted(hub.fetched("org/base")) == sorted(weights | referenced)
     assert not [r for r in hub.requests if ".bin" in r or "README" in r]
-    # The cache now answers on its own, branch names included.
+    # The delta was streamed: none of its data files is in the cache, so offline it cannot be decoded again.
+    assert not [p for p in run.cache.rglob("*.xwd")]
+    r = run("decode", "org/delta", "--base", "org/base", "-o", tmp_path / "again", "-q", offline=True)
+    assert r.returncode == 4
+    assert "its data files are not in the local Hugging Face cache" in one_error_line(r)
+    assert "HF_HUB_OFFLINE=1 forbids downloading them" in one_error_line(r)
+    # --download-first keeps it in the cache, which then answers on its own, branch names included.
+    args = ("decode", "org/delta", "--base", "org/base", "-o", tmp_path / "first", "-q", "--download-first")
+    assert run(*args, endpoint=hub.url).returncode == 0
+    assert files_digest(tmp_path / "first") == files_digest(pair.finetuned)
     r = run("decode", "org/delta", "--base", "org/base", "-o", tmp_path / "again", "-q", offline=True)
     assert r.returncode == 0, r.stderr
     assert files_digest(tmp_path / "again") == files_digest(pair.finetuned)
@@ -396,7 +409,8 @@ def test_a_server_error_on_a_file_is_retried_and_the_decode_completes(tmp_path, 
     data_file = load_manifest(delta).weight_files[0].data_file
     hub.failures[data_file] = 2  # snapshot_download alone gives up at the first 503
     run = Runner(tmp_path)
-    r = run("decode", "org/delta", "--base", "org/base", "-o", tmp_path / "out", endpoint=hub.url)
+    args = ("decode", "org/delta", "--base", "org/base", "-o", tmp_path / "out", "--download-first")
+    r = run(*args, endpoint=hub.url)
     assert r.returncode == 0, r.stderr
     assert files_digest(tmp_path / "out") == files_digest(pair.finetuned)
     assert hub.failures[data_file] == 0
@@ -418,7 +432,7 @@ def test_server_errors_past_the_last_retry_are_one_line(tmp_path, released, hub)
         "import sys, xorweights.hub.client as client\n"
         "client.RETRY_DELAYS_S = (0.01, 0.01)\n"  # the same path, without 15 s of waiting
         "from xorweights.entry import main\n"
-        "sys.argv = ['xorweights', 'decode', 'org/delta', '--base', 'base', '-o', 'out', '-q']\n"
+        "sys.argv = ['xorweights', 'decode', 'org/delta', '--base', 'base', '-o', 'out', '-q', '--download-first']\n"
         "main()\n"
     )
     r = run.python("-c", script, endpoint=hub.url)

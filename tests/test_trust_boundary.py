@@ -438,7 +438,7 @@ def test_a_torn_last_line_of_the_state_is_dropped_and_the_decode_resumes(
     result = xorweights.decode(delta, pair.base, out)
     assert result.skipped[:1] == [SHARD1] and "model-00002-of-00002.safetensors" in result.written
     assert files_digest(out) == files_digest(pair.finetuned)
-    header, files, end = parse_state(state.read_bytes(), str(state))
+    header, files, _, end = parse_state(state.read_bytes(), str(state))
     assert header is not None and end == state.stat().st_size
     assert sorted(files) == [SHARD1, "model-00002-of-00002.safetensors"]
 

@@ -480,6 +480,11 @@ def _echo_plan(result: EncodeResult) -> None:
     metavar="GLOB",
     help="Copy your base's version of matching non-tensor files as is, unverified (repeatable).",
 )
+@click.option(
+    "--download-first",
+    is_flag=True,
+    help="For a Hub DELTA: download it whole into the Hugging Face cache, then decode (default: stream it).",
+)
 @jobs_option
 @quiet_option
 @json_option
@@ -493,17 +498,21 @@ def decode(
     check_base: bool,
     skip_files: tuple[str, ...],
     take_from_base: tuple[str, ...],
+    download_first: bool,
     jobs: int | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
     """Rebuild the fine-tune from DELTA and --base into --out (for downloaders).
 
-    DELTA and --base are folders or Hub repos, org/name[@revision], fetched into
-    the Hugging Face cache (HF_HUB_OFFLINE, HF_HUB_CACHE, HF_TOKEN and HF_ENDPOINT
-    apply). A --base naming the repo the delta records, without @revision, is
-    fetched at the recorded revision. With --check-base, exits 1 when the base
-    differs, after listing every difference.
+    DELTA and --base are folders or Hub repos, org/name[@revision] (HF_HUB_OFFLINE,
+    HF_HUB_CACHE, HF_TOKEN and HF_ENDPOINT apply). A Hub DELTA is streamed: its
+    data files are fetched by range as the rebuild goes and never written to
+    disk, and a re-run resumes where a stopped one left off; --download-first
+    fetches it into the Hugging Face cache first. A Hub --base is fetched into
+    the cache, at the revision the delta records when it names that repo
+    without @revision. With --check-base, exits 1 when the base differs, after
+    listing every difference.
 
     Examples:
 
@@ -539,6 +548,7 @@ def decode(
         jobs=jobs,
         skip_files=skip_files,
         take_from_base=take_from_base,
+        download_first=download_first,
     )
     if as_json:
         sizes = {name: (out / name).stat().st_size for name in [*result.written, *result.skipped]}

@@ -8,6 +8,7 @@ file gets its final name only when every hash of every tensor in it matched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -44,6 +46,7 @@ from .delta.manifest import (
     parse_checksums,
 )
 from .delta.pipeline import BackgroundHash, BufferPool, ordered, resolve_jobs
+from .delta.source import DeltaData, LocalData, decode_frame
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
 from .hub.resolve import resolve_delta_and_base
 from .inputs import MAX_MANIFEST_BYTES, InputFolder, load_json, sha256_exact
@@ -60,6 +63,11 @@ LOSSY_BF16_HINT = (
     "your base was saved as bf16, which loses precision against the fp16 weights this delta was made from; "
     "use Meta's original files or an fp16 conversion"
 )
+# A re-run reads back and checks what the state says a killed run wrote: a
+# line every few MiB of checked tensors costs nothing next to them, and a
+# kill loses at most that much work (plus the frames in flight).
+CHECKPOINT_BYTES = 4 << 20
+REPLAY_BLOCK = 1 << 20
 CONFIG_NAME = "config.json"
 # The key transformers reads the model's dtype from: `torch_dtype` up to 4.x, `dtype` from 5.0 on.
 CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")
@@ -143,13 +151,16 @@ def plan_decode(
     base: Checkpoint,
     problems: list[BaseMismatchError] | None = None,
     leave_out: frozenset[str] = frozenset(),
+    data: DeltaData | None = None,
 ) -> list[FileJob]:
     """Check everything that can be checked without reading tensor data.
 
     A base that does not fit raises at once, unless ``problems`` is given
     (for --check-base): then every mismatch is collected and planning goes on.
     Non-tensor files named in ``leave_out`` (--skip-file) need not be in the base.
+    ``data`` is where the data files are read from (default: the ``delta`` folder).
     """
+    data = LocalData(delta) if data is None else data
 
     def match(entry: TensorEntry) -> TensorRef | None:
         try:
@@ -166,7 +177,7 @@ def plan_decode(
     for wf in manifest.weight_files:
         _check_layout(wf, where)
         job = FileJob(wf, delta / wf.data_file, tuple(TensorJob(t, match(t)) for t in wf.tensors))
-        open_delta_file(folder, job.data_path, job.stored).close()
+        data.check(wf.data_file, job.stored)
         files.append(job)
     base_files = set(base.other_files())
     for of in manifest.other_files:
@@ -236,13 +247,15 @@ class _Rebuilder:
     offset; the consumer hashes base and target bytes in order, and a thread
     of its own feeds the whole file's sha256, which must match the manifest's
     before the file gets its final name (with ``dtype`` it is recorded instead).
+    Every few MiB of checked tensors, the decode state records them, so a
+    re-run reads them back from the partial file instead of fetching them again.
     """
 
     def __init__(
-        self, codec: FrameCodec, delta: InputFolder, files: list[FileJob], dtype: str | None, jobs: int, bar: tqdm
+        self, codec: FrameCodec, data: DeltaData, files: list[FileJob], dtype: str | None, jobs: int, bar: tqdm
     ) -> None:
         self.codec = codec
-        self.delta = delta
+        self.data = data
         self.pool = BufferPool(max((raw for j in files for t in j.file.tensors for _, raw in t.frames), default=0))
         self.dtype = dtype
         self.jobs = jobs
@@ -251,6 +264,7 @@ class _Rebuilder:
         # Threads live as long as the decode: thousands of small files must not start threads each.
         self.workers = ThreadPoolExecutor(jobs, thread_name_prefix="xorweights") if jobs > 1 else None
         self.hasher = ThreadPoolExecutor(1, thread_name_prefix="xorweights-sha256")
+        self._started = time.monotonic()
 
     def __enter__(self) -> _Rebuilder:
         return self
@@ -277,64 +291,121 @@ class _Rebuilder:
         prefix, layout = self._layout(wf)
         return len(prefix) + (layout[-1].end if layout else 0)
 
-    def rebuild(self, job: FileJob, out: OutputDir) -> tuple[FileSum, dict[str, TensorSum]]:
-        """Write ``job``'s file into ``out`` and return its checksum and those of its tensors as written."""
+    def frames(self, job: FileJob, first: int = 0) -> list[_Frame]:
+        """The frames of ``job``'s tensors from ``first`` on, with where each is stored and written."""
         prefix, layout = self._layout(job.file)
-        entries = [tj.entry for tj in job.tensors]
         frames = []
         src = 0
-        for i, entry in enumerate(entries):
+        for i, entry in enumerate(tj.entry for tj in job.tensors):
             ratio = (ITEMSIZE[entry.dtype], ITEMSIZE[layout[i].dtype])
             lo = 0
             for k, (stored, raw) in enumerate(entry.frames):
-                dst = len(prefix) + layout[i].begin + lo // ratio[0] * ratio[1]
-                frames.append(_Frame(i, k, lo, lo + raw, src, stored, dst))
+                if i >= first:
+                    dst = len(prefix) + layout[i].begin + lo // ratio[0] * ratio[1]
+                    frames.append(_Frame(i, k, lo, lo + raw, src, stored, dst))
                 src, lo = src + stored, lo + raw
-        streams = [BaseStream(tj.base, tj.entry.dtype, tj.entry.xor_bytes) if tj.base else None for tj in job.tensors]
+        return frames
+
+    def _note_fetched(self) -> None:
+        fetched = self.data.fetched()
+        rate = fetched / max(time.monotonic() - self._started, 1e-3)
+        self.bar.set_postfix_str(f"downloaded {human_bytes(fetched)} at {human_bytes(rate)}/s", refresh=False)
+
+    def _replay(self, fd: int, job: FileJob, sha: Any, hashes: list[str], written_hashes: list[Any]) -> tuple[int, Any]:
+        """How many of the file's first tensors its partial file already holds as the state recorded them.
+
+        Their bytes are read back, each tensor's xxh3-128 compared with the
+        recorded one, and fed to the file's sha256: returned with the count,
+        as it stood after the last tensor that matched.
+        """
+        prefix, layout = self._layout(job.file)
+        for i, want in enumerate(hashes[: len(layout)]):
+            before, h = sha.copy(), new_tensor_hash()
+            lo, hi = len(prefix) + layout[i].begin, len(prefix) + layout[i].end
+            while lo < hi:
+                block = os.pread(fd, min(REPLAY_BLOCK, hi - lo), lo)
+                if not block:
+                    break
+                h.update(block)
+                sha.update(block)
+                lo += len(block)
+            if lo < hi or h.hexdigest() != want:
+                return i, before
+            written_hashes[i] = h
+        return min(len(hashes), len(layout)), sha
+
+    def rebuild(self, job: FileJob, out: OutputDir, state: DecodeState) -> tuple[FileSum, dict[str, TensorSum]]:
+        """Write ``job``'s file into ``out`` and return its checksum and those of its tensors as written."""
+        prefix, layout = self._layout(job.file)
+        entries = [tj.entry for tj in job.tensors]
+        name = job.file.name
         converting = self.dtype is not None
         target_hashes = [new_tensor_hash() for _ in entries]
         written_hashes = [new_tensor_hash() for _ in entries] if converting else target_hashes
-        file_hash = BackgroundHash(hashlib.sha256(prefix), self.pool.put, self.hasher)
-        where = str(job.data_path)
-        final = out.path / job.file.name
-        writer = out.writer(job.file.name)
-        with writer as rebuilt, open_delta_file(self.delta, job.data_path, job.stored) as data, file_hash:
-            out_fd, data_fd = rebuilt.fileno(), data.fileno()
+        sha = hashlib.sha256(prefix)
+        final = out.path / name
+        writer = out.writer(name, reopen=True)
+        with writer as rebuilt, contextlib.closing(self.data.open(job.file.data_file, job.stored)) as data:
+            out_fd = rebuilt.fileno()
+            recorded = state.partials.get(name, []) if writer.kept else []
+            first, sha = self._replay(out_fd, job, sha, recorded, written_hashes)
+            writer.keep = first > 0  # a partial file is left behind only with checked tensors for a re-run
+            if first == 0:
+                os.ftruncate(out_fd, 0)
+            self.bar.update(sum(e.nbytes for e in entries[:first]))
+            frames = self.frames(job, first)
+            streams = [
+                BaseStream(tj.base, tj.entry.dtype, tj.entry.xor_bytes) if tj.base and i >= first else None
+                for i, tj in enumerate(job.tensors)
+            ]
+            file_hash = BackgroundHash(sha, self.pool.put, self.hasher)
 
             def work(fr: _Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
                 entry, stream = entries[fr.tensor], streams[fr.tensor]
-                frame = os.pread(data_fd, fr.stored, fr.src)
                 buffer = self.pool.get()
                 chunk = buffer[: fr.hi - fr.lo]
                 base = stream.view(fr.lo, fr.hi) if stream else _EMPTY
                 cast = stream.cast(base) if stream else _EMPTY
-                where_frame = f"{where}: tensor {entry.name} frame {fr.index}"
-                self.codec.decode(frame, ITEMSIZE[entry.dtype], chunk, where_frame, cast, entry.coding)
+                where = f"{data.where}: tensor {entry.name} frame {fr.index}"
+                width = ITEMSIZE[entry.dtype]
+                decode_frame(self.codec, data, fr.src, fr.stored, width, chunk, where, cast, entry.coding)
                 written = cast_bytes(chunk, entry.dtype, layout[fr.tensor].dtype)
                 _pwrite_all(out_fd, written, fr.dst)
                 return buffer, chunk, base, written
 
-            _pwrite_all(out_fd, np.frombuffer(prefix, np.uint8), 0)
-            checked = 0
-            for fr, (buffer, chunk, base, written) in ordered(work, frames, self.jobs, self.workers):
-                for i in range(checked, fr.tensor):
+            checked, saved, unsaved = first, first, 0
+
+            def check_upto(end: int) -> None:
+                """Check the tensors before ``end``; record them in the state every CHECKPOINT_BYTES."""
+                nonlocal checked, saved, unsaved
+                for i in range(checked, end):
                     check_tensor(job.tensors[i], streams[i], target_hashes[i].hexdigest())
-                checked = fr.tensor
-                stream = streams[fr.tensor]
-                if stream is not None:
-                    stream.consume(base)
-                target_hashes[fr.tensor].update(chunk)
-                start_writeback(out_fd, fr.dst, len(written))
-                if converting:
-                    written_hashes[fr.tensor].update(written)
-                file_hash.update(written, buffer)  # the buffer goes back to the pool once hashed
-                self.bar.update(fr.hi - fr.lo)
-            for i in range(checked, len(entries)):
-                check_tensor(job.tensors[i], streams[i], target_hashes[i].hexdigest())
-            size = len(prefix) + (layout[-1].end if layout else 0)
-            if os.fstat(out_fd).st_size != size:
-                raise DeltaCorruptError(f"{final.name}: rebuilt {os.fstat(out_fd).st_size} bytes, expected {size}")
-            digest = file_hash.hexdigest()
+                    unsaved += layout[i].end - layout[i].begin
+                    if unsaved >= CHECKPOINT_BYTES:
+                        state.progress(name, saved, [h.hexdigest() for h in written_hashes[saved : i + 1]])
+                        saved, unsaved, writer.keep = i + 1, 0, True
+                checked = max(checked, end)
+
+            with file_hash:
+                _pwrite_all(out_fd, np.frombuffer(prefix, np.uint8), 0)
+                for fr, (buffer, chunk, base, written) in ordered(work, frames, self.jobs, self.workers):
+                    check_upto(fr.tensor)
+                    stream = streams[fr.tensor]
+                    if stream is not None:
+                        stream.consume(base)
+                    target_hashes[fr.tensor].update(chunk)
+                    start_writeback(out_fd, fr.dst, len(written))
+                    if converting:
+                        written_hashes[fr.tensor].update(written)
+                    file_hash.update(written, buffer)  # the buffer goes back to the pool once hashed
+                    self.bar.update(fr.hi - fr.lo)
+                    if self.data.remote:
+                        self._note_fetched()
+                check_upto(len(entries))
+                size = len(prefix) + (layout[-1].end if layout else 0)
+                if os.fstat(out_fd).st_size != size:
+                    raise DeltaCorruptError(f"{final.name}: rebuilt {os.fstat(out_fd).st_size} bytes, expected {size}")
+                digest = file_hash.hexdigest()
             if not converting and digest != job.file.sha256:
                 raise DeltaCorruptError(
                     f"{final}: rebuilt file's sha256 {digest} differs from the manifest's {job.file.sha256}, "
@@ -487,6 +558,7 @@ def decode(
     jobs: int | None = None,
     skip_files: Sequence[str] = (),
     take_from_base: Sequence[str] = (),
+    download_first: bool = False,
 ) -> DecodeResult:
     """Rebuild the fine-tune from ``delta`` and ``base`` into ``out``.
 
@@ -503,15 +575,36 @@ def decode(
     written. ``skip_files`` globs (fnmatch on the relative path) leave non-tensor
     files out of the rebuild; ``take_from_base`` globs copy the user's version
     of files taken from the base as it is, unverified. Both are listed in the result.
+
+    A delta on the Hub is streamed: its data files are fetched by range
+    requests as the rebuild goes and never written to disk (see
+    :mod:`xorweights.hub.ranges`). ``download_first`` fetches the whole delta
+    into the Hugging Face cache first instead.
     """
     out = Path(out)
     target_dtype = named_dtype(dtype)
-    delta, base, manifest = resolve_delta_and_base(delta, base, progress=progress)
+    delta, base, manifest, data = resolve_delta_and_base(delta, base, progress=progress, stream=not download_first)
+    with contextlib.closing(data):
+        return _decode(delta, base, out, manifest, data, target_dtype, progress, jobs, skip_files, take_from_base)
+
+
+def _decode(
+    delta: Path,
+    base: Path,
+    out: Path,
+    manifest: Manifest,
+    data: DeltaData,
+    target_dtype: str | None,
+    progress: bool,
+    jobs: int | None,
+    skip_files: Sequence[str],
+    take_from_base: Sequence[str],
+) -> DecodeResult:
     skipped, taken = _leave_out(manifest, skip_files, take_from_base)
     inputs = {"delta": delta, "base": Path(base)}
     refuse_overlap(out, inputs)
     with Checkpoint(base) as bs:
-        files = plan_decode(manifest, delta, bs, leave_out=frozenset(skipped))
+        files = plan_decode(manifest, delta, bs, leave_out=frozenset(skipped), data=data)
         try:
             others = check_referenced(manifest, bs, skipped, taken)  # before OUT holds a single weight
         except BaseMismatchError:
@@ -523,11 +616,12 @@ def decode(
             size, digest = delta_in.digest(delta / MANIFEST_NAME)  # which delta OUT's state is for
             bar = byte_bar(sum(t.entry.nbytes for j in files for t in j.tensors), "decode", progress)
             codec = FrameCodec(manifest.compression)
+            # Progress records grow the state with each run that is stopped: room for many.
             with (
-                DecodeState(od, digest, target_dtype, 2 * size + (1 << 20)) as state,
-                _Rebuilder(codec, delta_in, files, target_dtype, resolve_jobs(jobs), bar) as rebuilder,
+                DecodeState(od, digest, target_dtype, 8 * size + (16 << 20)) as state,
+                _Rebuilder(codec, data, files, target_dtype, resolve_jobs(jobs), bar) as rebuilder,
             ):
-                result = _rebuild_all(od, state, manifest, delta, bs, files, rebuilder, bar, others, taken)
+                result = _rebuild_all(od, state, manifest, delta, delta_in, bs, files, rebuilder, bar, others, taken)
             # A finished OUT holds the release only, so `hf upload OUT` never uploads our bookkeeping. A re-run
             # adopts the files by the manifest's sha256 or, converted, by xorweights-checksums.json's.
             od.remove_work([STATE_NAME, LOCK_NAME])
@@ -539,6 +633,7 @@ def _rebuild_all(
     state: DecodeState,
     manifest: Manifest,
     delta: Path,
+    delta_in: InputFolder,
     bs: Checkpoint,
     files: list[FileJob],
     rebuilder: _Rebuilder,
@@ -546,7 +641,7 @@ def _rebuild_all(
     restored: list[OtherFile],
     taken: set[str],
 ) -> DecodeResult:
-    out, target_dtype, delta_in = od.path, rebuilder.dtype, rebuilder.delta
+    out, target_dtype = od.path, rebuilder.dtype
     left_out = sorted({of.name for of in manifest.other_files} - {of.name for of in restored})
     # With --dtype, the index and config.json's dtype are rewritten: their originals are checked before any work.
     originals = {
@@ -564,6 +659,14 @@ def _rebuild_all(
     need = sum(rebuilder.output_size(job.file) for job in pending)
     need += sum(of.size for of in others if of.name not in present) + sum(map(len, rewritten.values()))
     _check_free_space(out, need)
+    # A streamed delta's frames are fetched ahead in the order they will be read, from where a killed run stopped.
+    rebuilder.data.plan(
+        [
+            (job.file.data_file, fr.src, fr.stored)
+            for job in pending
+            for fr in rebuilder.frames(job, len(state.partials.get(job.file.name, [])))
+        ]
+    )
     written, skipped = [], []
     checksums = Checksums(source={"delta": state.delta_id, "dtype": target_dtype} if target_dtype else None)
     for job in files:
@@ -571,7 +674,7 @@ def _rebuild_all(
         entry = done[name]
         if entry is None:
             try:
-                file_sum, sums = rebuilder.rebuild(job, od)
+                file_sum, sums = rebuilder.rebuild(job, od, state)
             except OutputError as exc:
                 raise _explain_full_disk(exc, out, need) from exc
             need -= rebuilder.output_size(job.file)
@@ -806,11 +909,13 @@ def check_base(
     ``delta`` and ``base`` are folders or Hub repos, as for :func:`decode`; the
     files ``skip_files`` and ``take_from_base`` select are not checked, as decode would not.
     """
-    delta, base, manifest = resolve_delta_and_base(delta, base, progress=progress)
+    # Only the base is read: a delta on the Hub has just its manifest and shipped files fetched.
+    delta, base, manifest, data = resolve_delta_and_base(delta, base, progress=progress)
+    data.close()
     skipped, taken = _leave_out(manifest, skip_files, take_from_base)
     mismatches: list[BaseMismatchError] = []
     with Checkpoint(base) as bs:
-        files = plan_decode(manifest, delta, bs, mismatches, leave_out=frozenset(skipped | taken))
+        files = plan_decode(manifest, delta, bs, mismatches, leave_out=frozenset(skipped | taken), data=data)
         problems = [e.message for e in mismatches]
         base_files = set(bs.other_files())
         needed: dict[str, tuple[BaseTensor, TensorRef]] = {}

@@ -6,6 +6,12 @@ weight file: its name, size and mtime as written, its sha256 and, after a
 conversion, its tensors' checksums. Finishing a file appends one line, so the
 cost grows with the number of tensors, not with files times tensors.
 
+While a file is rebuilt, a line every few MiB records the tensors written
+and checked so far in its partial file (``OUT/.xorweights/*.partial``), with
+the xxh3-128 of each tensor's bytes as written: a re-run reads those bytes
+back, checks them, and fetches only the rest. A record that does not follow
+on from the one before it restarts the file's list.
+
 A line cut short by a crash is dropped; anything else that does not parse is
 a damaged file, refused with :class:`OutputError`, never trusted.
 """
@@ -73,8 +79,23 @@ def _finished(obj: Any) -> Finished | None:
     return Finished(name, (st[0], st[1]), sha, sums)
 
 
-def parse_state(data: bytes, where: str) -> tuple[dict[str, Any] | None, dict[str, Finished], int]:
-    """The header, the finished files, and the length of the whole lines (a torn last line excluded)."""
+def _progress(obj: Any) -> tuple[str, int, list[str]] | None:
+    """A partial file's record: its name, the first tensor it covers and their hashes as written."""
+    if not isinstance(obj, dict) or set(obj) != {"partial", "from", "xxh3"}:
+        return None
+    name, first, hashes = obj["partial"], obj["from"], obj["xxh3"]
+    if not (isinstance(name, str) and _count(first) and isinstance(hashes, list)):
+        return None
+    return (name, first, hashes) if all(_hex(h, 32) for h in hashes) else None
+
+
+def parse_state(
+    data: bytes, where: str
+) -> tuple[dict[str, Any] | None, dict[str, Finished], dict[str, list[str]], int]:
+    """The header, the finished files, the partial files' checked tensors, and the length of the whole lines.
+
+    A torn last line is excluded from that length.
+    """
 
     def damaged(line: int, why: str) -> OutputError:
         return OutputError(
@@ -85,6 +106,7 @@ def parse_state(data: bytes, where: str) -> tuple[dict[str, Any] | None, dict[st
     end = data.rfind(b"\n") + 1  # past the last newline: what follows was cut short by a crash
     header: dict[str, Any] | None = None
     files: dict[str, Finished] = {}
+    partials: dict[str, list[str]] = {}
     for number, raw in enumerate(data[:end].splitlines(), 1):
         try:
             obj = json.loads(raw.decode("utf-8"))
@@ -100,11 +122,19 @@ def parse_state(data: bytes, where: str) -> tuple[dict[str, Any] | None, dict[st
                 raise damaged(number, "expected the delta and dtype it belongs to")
             header = obj
             continue
+        progress = _progress(obj)
+        if progress is not None:
+            name, first, hashes = progress
+            done = partials.get(name, [])
+            # It replaces what it overlaps; one that leaves a gap restarts the file.
+            partials[name] = done[:first] + hashes if first <= len(done) else []
+            continue
         entry = _finished(obj)
         if entry is None:
-            raise damaged(number, "expected a finished file")
+            raise damaged(number, "expected a finished file or a partial one's progress")
         files[entry.name] = entry
-    return header, files, end
+        partials.pop(entry.name, None)
+    return header, files, partials, end
 
 
 class DecodeState:
@@ -115,8 +145,10 @@ class DecodeState:
         header = {"delta": delta_id, "dtype": dtype}
         self.delta_id, self.dtype = delta_id, dtype
         data = out.read_work(STATE_NAME, cap) or b""
-        old, files, end = parse_state(data, str(self.where))
+        old, files, partials, end = parse_state(data, str(self.where))
         self.files: dict[str, Finished] = files if old == header else {}
+        # Per weight file being rebuilt: the xxh3-128 of each of its first tensors as written and checked.
+        self.partials: dict[str, list[str]] = partials if old == header else {}
         if old not in (None, header) and files:
             raise OutputError(
                 f"{out.path}: holds files decoded from another delta or with another --dtype",
@@ -151,7 +183,16 @@ class DecodeState:
             record["tensors"] = {k: [v.dtype, list(v.shape), v.xxh3] for k, v in tensors.items()}
         self._append(record)
         self.files[name] = entry
+        self.partials.pop(name, None)
         return entry
+
+    def progress(self, name: str, first: int, hashes: list[str]) -> None:
+        """Record that tensors ``first`` onwards of ``name``'s partial file were written and checked."""
+        done = self.partials.get(name, [])
+        if first > len(done):
+            raise ValueError(f"progress of {name} from tensor {first}, after {len(done)}")
+        self._append({"partial": name, "from": first, "xxh3": hashes})
+        self.partials[name] = done[:first] + hashes
 
     def __enter__(self) -> DecodeState:
         return self

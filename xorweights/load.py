@@ -9,6 +9,7 @@ about one frame.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .decode import TensorJob, check_tensor, named_dtype, plan_decode
+from .decode import FileJob, TensorJob, check_tensor, named_dtype, plan_decode
 from .delta.base_stream import _EMPTY, BaseStream
 from .delta.kernel import FrameCodec, new_tensor_hash
-from .delta.manifest import Manifest, TensorEntry, open_delta_file
+from .delta.manifest import Manifest, TensorEntry
+from .delta.source import DataFile, DeltaData, decode_frame
 from .errors import NotEnoughMemoryError
 from .hub.resolve import resolve_delta_and_base
-from .inputs import InputFolder
 from .readers.checkpoint import Checkpoint
 from .readers.dtypes import FLOAT_CASTABLE, ITEMSIZE, TORCH_NAMES, cast_bytes
 from .sizes import human_bytes
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
     import torch
 
 
-def _resolve(delta: str | Path, base: str | Path) -> tuple[Path, Path, Manifest]:
-    """Local folders for ``delta`` and ``base`` (folders or Hub repos, as for decode), and the delta's manifest."""
+def _resolve(delta: str | Path, base: str | Path) -> tuple[Path, Path, Manifest, DeltaData]:
+    """Local folders for ``delta`` and ``base`` (folders or Hub repos, as for decode), the delta's manifest,
+    and where its data files are read from: a delta on the Hub is streamed into memory, never written to disk."""
     return resolve_delta_and_base(delta, base)
 
 
@@ -94,7 +96,7 @@ def load_state_dict(delta: str | Path, base: str | Path, dtype: str | None = Non
 
 
 def _rebuild(
-    delta: Path, base: Path, manifest: Manifest, target: str | None, keep_all: bool = False
+    delta: Path, base: Path, manifest: Manifest, data: DeltaData, target: str | None, keep_all: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Plan, yield once (a marker: planning passed), then yield each verified tensor.
 
@@ -104,8 +106,8 @@ def _rebuild(
     ``keep_all``, all of them) will take is checked against what is available.
     """
     codec = FrameCodec(manifest.compression)
-    with Checkpoint(base) as bs:
-        files = plan_decode(manifest, delta, bs)
+    with contextlib.closing(data), Checkpoint(base) as bs:
+        files = plan_decode(manifest, delta, bs, data=data)
 
         def size(entry: TensorEntry) -> int:
             width = ITEMSIZE[target] if target and entry.dtype in FLOAT_CASTABLE else ITEMSIZE[entry.dtype]
@@ -119,14 +121,14 @@ def _rebuild(
             if largest is not None:
                 _check_memory(size(largest), f"tensor {largest.name}")
         yield None  # type: ignore[misc]
-        delta_in = InputFolder(delta)
+        data.plan([(job.file.data_file, src, stored) for job in files for src, stored in _stored_frames(job)])
         for job in files:
-            with open_delta_file(delta_in, job.data_path, job.stored) as data:
+            with contextlib.closing(data.open(job.file.data_file, job.stored)) as data_file:
                 src = 0
                 for tj in job.tensors:
                     out_dtype = target if target and tj.entry.dtype in FLOAT_CASTABLE else tj.entry.dtype
-                    where = f"{job.data_path}: tensor {tj.entry.name}"
-                    raw = _tensor_bytes(tj, data.fileno(), src, codec, out_dtype, where)
+                    where = f"{data_file.where}: tensor {tj.entry.name}"
+                    raw = _tensor_bytes(tj, data_file, src, codec, out_dtype, where)
                     src += sum(stored for stored, _ in tj.entry.frames)
                     tensor = _as_torch(raw, out_dtype, tj.entry.shape)
                     del raw
@@ -145,7 +147,16 @@ def _as_torch(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tens
     return torch.from_numpy(raw).view(getattr(torch, TORCH_NAMES[dtype])).reshape(shape)
 
 
-def _tensor_bytes(tj: TensorJob, fd: int, src: int, codec: FrameCodec, out_dtype: str, where: str) -> np.ndarray:
+def _stored_frames(job: FileJob) -> Iterator[tuple[int, int]]:
+    """Where each frame of ``job``'s data file starts, and its stored size, in order."""
+    src = 0
+    for tj in job.tensors:
+        for stored, _ in tj.entry.frames:
+            yield src, stored
+            src += stored
+
+
+def _tensor_bytes(tj: TensorJob, data: DataFile, src: int, codec: FrameCodec, out_dtype: str, where: str) -> np.ndarray:
     """Decode, XOR and check one tensor into a buffer allocated once, in ``out_dtype``."""
     entry = tj.entry
     width, out_width = ITEMSIZE[entry.dtype], ITEMSIZE[out_dtype]
@@ -159,12 +170,11 @@ def _tensor_bytes(tj: TensorJob, fd: int, src: int, codec: FrameCodec, out_dtype
     for k, (stored, raw) in enumerate(entry.frames):
         hi = lo + raw
         chunk = scratch[:raw] if converting else out[lo:hi]
-        frame = os.pread(fd, stored, src)
-        src += stored
         base = stream.view(lo, hi) if stream else _EMPTY
         cast = stream.cast(base) if stream else _EMPTY
-        codec.decode(frame, width, chunk, f"{where} frame {k}", cast, entry.coding)
-        del frame, cast  # at most one stored frame and one cast base frame are held at a time
+        decode_frame(codec, data, src, stored, width, chunk, f"{where} frame {k}", cast, entry.coding)
+        src += stored
+        del cast  # at most one stored frame and one cast base frame are held at a time
         if stream is not None:
             stream.consume(base)
         target_hash.update(chunk)

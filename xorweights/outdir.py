@@ -242,8 +242,8 @@ class OutputDir:
         """The partial file for ``rel`` in the work folder: one exact name per output name."""
         return hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".partial"
 
-    def writer(self, rel: str, *, replace: bool = False, resumes: bool = True) -> AtomicWriter:
-        return AtomicWriter(self, rel, replace=replace, resumes=resumes)
+    def writer(self, rel: str, *, replace: bool = False, resumes: bool = True, reopen: bool = False) -> AtomicWriter:
+        return AtomicWriter(self, rel, replace=replace, resumes=resumes, reopen=reopen)
 
     def write_bytes(self, rel: str, data: bytes, *, replace: bool = False) -> bool:
         """Write a small file; an identical one already there is kept (False).
@@ -339,16 +339,38 @@ class OutputDir:
 
 
 class AtomicWriter:
-    """Writes ``rel`` below an :class:`OutputDir` through a partial file; see the module docstring."""
+    """Writes ``rel`` below an :class:`OutputDir` through a partial file; see the module docstring.
 
-    def __init__(self, out: OutputDir, rel: str, *, replace: bool = False, resumes: bool = True) -> None:
+    With ``reopen``, a partial file left by a killed or failed run is reopened
+    as it is (``kept`` says so); while ``keep`` is set, one not committed is
+    left for the next run. Decode reads back and checks what its state says is there.
+    """
+
+    def __init__(
+        self, out: OutputDir, rel: str, *, replace: bool = False, resumes: bool = True, reopen: bool = False
+    ) -> None:
         self.out = out
         self.rel = rel
         self.final = out.path / rel
         self.replace = replace
         self.resumes = resumes
+        self.reopen = reopen
+        self.kept = False
+        self.keep = False
         self.partial = OutputDir.partial_name(rel)
         self.file: BinaryIO | None = None
+
+    def _reopen(self) -> int | None:
+        """The partial file a run before left, if it is a plain file of ours with one name; else None."""
+        try:
+            fd = os.open(self.partial, os.O_RDWR | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=self.out.work_fd)
+        except OSError:
+            return None  # missing, or a link planted at its name: _create replaces it
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return fd
+        os.close(fd)
+        return None
 
     def _create(self) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -362,7 +384,9 @@ class AtomicWriter:
     def __enter__(self) -> BinaryIO:
         try:
             self.parent_fd, self.name = self.out._parent(self.rel, create=True)
-            self.file = os.fdopen(self._create(), "wb")
+            fd = self._reopen() if self.reopen else None
+            self.kept = fd is not None
+            self.file = os.fdopen(fd if fd is not None else self._create(), "r+b" if self.kept else "wb")
         except OSError as exc:
             raise output_error(exc, self.final, resumes=self.resumes) from exc
         return self.file
@@ -386,11 +410,12 @@ class AtomicWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.file is not None:  # not committed: leave nothing behind
+        if self.file is not None:  # not committed: leave nothing behind, or only a partial to resume from
             self.file.close()
             self.file = None
             try:
-                os.unlink(self.partial, dir_fd=self.out.work_fd)
+                if not self.keep:
+                    os.unlink(self.partial, dir_fd=self.out.work_fd)
             except FileNotFoundError:
                 pass
         if isinstance(exc, OSError):

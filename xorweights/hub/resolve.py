@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from fnmatch import fnmatch
 from pathlib import Path
 
-from ..delta.manifest import BaseRef, Manifest, load_manifest
+from ..delta.manifest import DATA_SUFFIX, BaseRef, Manifest, load_manifest
+from ..delta.source import DeltaData, LocalData
 from ..errors import HubDownloadError, XorWeightsWarning
 from .refs import Resolved, parse_repo_ref
 
@@ -138,19 +139,60 @@ def resolve_base(ref: str | Path, recorded: BaseRef, files: Sequence[str], *, pr
     return got
 
 
+def resolve_delta(ref: str | Path, *, stream: bool = True, progress: bool = True) -> tuple[Path, Manifest, DeltaData]:
+    """The delta's folder (its manifest and shipped files), the manifest, and where its data files are read from.
+
+    A local folder holds everything. A Hub repo with ``stream`` has every
+    file but its data files fetched into the cache, and those read by range
+    (:mod:`.ranges`) unless the cache already holds them all; without
+    ``stream`` the whole repo is fetched first.
+    """
+    parsed = parse_repo_ref(ref)
+    if parsed is None:
+        return Path(ref), load_manifest(Path(ref)), LocalData(Path(ref))
+    from .client import fetch
+
+    repo_id, revision = parsed
+    got = fetch(repo_id, revision, "delta", None, [f"*{DATA_SUFFIX}"] if stream else None, progress)
+    manifest = load_manifest(got.path)
+    local = LocalData(got.path)
+    if not stream or all(_cached(got.path / wf.data_file) for wf in manifest.weight_files):
+        return got.path, manifest, local
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubDownloadError(
+            f"delta {got.name}: its data files are not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading them",
+            "run once online, or set HF_HUB_OFFLINE=0, or pass a local folder",
+        )
+    from .ranges import RemoteData
+
+    assert got.repo_id is not None and got.revision is not None
+    return got.path, manifest, RemoteData(got.repo_id, got.revision)
+
+
+def _cached(path: Path) -> bool:
+    """True when a snapshot holds ``path``: a download-first run put it there (its size is checked when read)."""
+    return path.is_file()
+
+
 def resolve_delta_and_base(
-    delta: str | Path, base: str | Path, *, progress: bool = True
-) -> tuple[Path, Path, Manifest]:
-    """Local folders for decode's DELTA and --base, and the delta's manifest.
+    delta: str | Path, base: str | Path, *, progress: bool = True, stream: bool = True
+) -> tuple[Path, Path, Manifest, DeltaData]:
+    """Local folders for decode's DELTA and --base, the delta's manifest, and where its data files are read from.
 
     The delta comes first: its manifest says which of the base's files are
-    needed and which base revision it was made from.
+    needed and which base revision it was made from. See :func:`resolve_delta` for ``stream``.
     """
-    delta_path = resolve(delta, "delta", progress=progress).path
-    manifest = load_manifest(delta_path)
+    delta_path, manifest, data = resolve_delta(delta, stream=stream, progress=progress)
     referenced = [of.name for of in manifest.other_files if of.mode == "reference"]
-    base_path = resolve_base(base, manifest.base, referenced, progress=progress).path
-    return delta_path, base_path, manifest
+    try:
+        base_path = resolve_base(base, manifest.base, referenced, progress=progress).path
+    except BaseException:
+        data.close()
+        raise
+    return delta_path, base_path, manifest, data
 
 
 def _weight_choices(files: list[str] | None) -> list[tuple[str, ...] | None]:

@@ -1,0 +1,187 @@
+"""A delta's data files read straight from the Hub by HTTP range requests: nothing of them is written to disk.
+
+Every request goes through huggingface_hub's own helpers: ``hf_hub_url`` for
+the address (HF_ENDPOINT), ``build_hf_headers`` for the token and user agent,
+and ``get_session`` for the HTTP client, which follows the Hub's redirect to
+its CDN or Xet bridge as it does for any download. Reads are pinned to the
+commit sha the delta's manifest came from, so a push to the repo meanwhile
+cannot mix two versions.
+
+Each answer is held to what was asked: a 206 whose ``Content-Range`` is the
+requested range of a file of the size the manifest declares, and exactly
+that many bytes. A dropped connection, a short body or a 408/429/5xx is
+retried after each of :data:`~xorweights.hub.client.RETRY_DELAYS_S`, with a
+warning line each time.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import warnings
+from typing import Any
+
+from huggingface_hub import constants, hf_hub_url
+from huggingface_hub.utils import build_hf_headers, get_session
+
+from ..delta.prefetch import Prefetcher
+from ..errors import DeltaCorruptError, HubDownloadError, XorWeightsWarning
+from ..sizes import human_bytes
+from .client import AUTH_HINT, CONNECTION_ERRORS, RETRY_DELAYS_S
+from .refs import current_token
+
+RETRY_RANGE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_CHUNK = 1 << 20
+
+
+class _Retry(Exception):
+    """One failed attempt worth repeating; the message says what went wrong."""
+
+
+class RemoteData:
+    """The data files of a delta on the Hub, at one commit, read by range."""
+
+    remote = True
+
+    def __init__(self, repo_id: str, revision: str, threads: int | None = None) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        self.token = current_token()  # read now: the fetch threads do not see the caller's context
+        self._sizes: dict[str, int] = {}
+        self._fetched = 0
+        self._lock = threading.Lock()
+        self._prefetch = Prefetcher(self.get) if threads is None else Prefetcher(self.get, threads=threads)
+
+    def where(self, name: str) -> str:
+        return f"{self.repo_id}@{self.revision}/{name}"
+
+    # ------------------------------------------------------------ DeltaData
+
+    def check(self, name: str, size: int) -> None:
+        self._sizes[name] = size  # checked against each answer's Content-Range: asking now would cost a request
+
+    def plan(self, spans: list[tuple[str, int, int]]) -> None:
+        self._prefetch.plan(spans)
+
+    def open(self, name: str, size: int) -> RemoteFile:
+        self._sizes[name] = size
+        return RemoteFile(self, name)
+
+    def fetched(self) -> int:
+        return self._fetched
+
+    def close(self) -> None:
+        self._prefetch.close()
+
+    # ------------------------------------------------------------ requests
+
+    def get(self, name: str, offset: int, length: int) -> bytearray:
+        """Exactly ``length`` bytes at ``offset`` of ``name``, retrying what may pass."""
+        if constants.HF_HUB_OFFLINE:
+            raise HubDownloadError(
+                f"delta {self.where(name)}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 "
+                "forbids downloading it",
+                "run once online, or set HF_HUB_OFFLINE=0",
+            )
+        last = ""
+        for attempt in range(len(RETRY_DELAYS_S) + 1):
+            if attempt:
+                delay = RETRY_DELAYS_S[attempt - 1]
+                warnings.warn(
+                    f"delta {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}; "
+                    f"trying again in {delay:g} s (attempt {attempt + 1} of {len(RETRY_DELAYS_S) + 1})",
+                    XorWeightsWarning,
+                    stacklevel=2,
+                )
+                time.sleep(delay)
+            try:
+                return self._get_once(name, offset, length)
+            except _Retry as exc:
+                last = str(exc)
+        raise HubDownloadError(
+            f"delta {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}, "
+            f"{len(RETRY_DELAYS_S) + 1} times in a row",
+            "try again later: the same command resumes where it stopped; or pass --download-first",
+        )
+
+    def _get_once(self, name: str, offset: int, length: int) -> bytearray:
+        url = hf_hub_url(self.repo_id, name, revision=self.revision)
+        headers = {**build_hf_headers(token=self.token), "Range": f"bytes={offset}-{offset + length - 1}"}
+        session: Any = get_session()
+        timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+        try:
+            if callable(getattr(session, "stream", None)):  # httpx, huggingface_hub 1.0 and later
+                with session.stream("GET", url, headers=headers, timeout=timeout) as r:
+                    return self._body(r, r.iter_bytes(_CHUNK), name, offset, length)
+            # requests, huggingface_hub 0.x
+            with session.get(url, headers=headers, timeout=timeout, stream=True) as r:
+                return self._body(r, r.iter_content(_CHUNK), name, offset, length)
+        except CONNECTION_ERRORS as exc:
+            raise _Retry(f"the connection failed ({type(exc).__name__})") from None
+
+    def _body(self, r: Any, chunks: Any, name: str, offset: int, length: int) -> bytearray:
+        """The answer's body, once its status and range are the ones asked for."""
+        status = r.status_code
+        where = f"delta {self.where(name)}"
+        if status in RETRY_RANGE_STATUSES:
+            raise _Retry(f"{constants.ENDPOINT} answered HTTP {status}")
+        if status in (401, 403):
+            raise HubDownloadError(f"{where}: {constants.ENDPOINT} refused access (HTTP {status})", AUTH_HINT)
+        if status == 404:
+            raise HubDownloadError(
+                f"{where}: not found on {constants.ENDPOINT}, although the delta's manifest lists it",
+                "the repo is incomplete; tell its owner, or pass a local copy of the delta",
+            )
+        size = self._sizes[name]
+        if status == 416:
+            raise DeltaCorruptError(
+                f"{where}: smaller than the {size} bytes its manifest declares (HTTP 416 for bytes {offset}-)",
+                "the delta on the Hub does not match its manifest; tell its owner",
+            )
+        if status != 206:
+            raise HubDownloadError(
+                f"{where}: {constants.ENDPOINT} answered HTTP {status} to a range request, expected 206",
+                "this server does not serve byte ranges: decode again with --download-first",
+            )
+        told = _CONTENT_RANGE.fullmatch(r.headers.get("content-range", "").strip())
+        if told is None or (int(told[1]), int(told[2])) != (offset, offset + length - 1):
+            raise _Retry(f"the answer holds bytes {r.headers.get('content-range')!r}, not the range asked for")
+        if int(told[3]) != size:
+            raise DeltaCorruptError(
+                f"{where}: {told[3]} bytes on the Hub, its manifest declares {size}",
+                "the delta on the Hub does not match its manifest; tell its owner",
+            )
+        body = bytearray(length)
+        view = memoryview(body)
+        got = 0
+        for chunk in chunks:
+            if got + len(chunk) > length:
+                raise _Retry(f"the answer is longer than the {length} bytes asked for")
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+            with self._lock:
+                self._fetched += len(chunk)
+        if got != length:
+            raise _Retry(f"the answer ended after {human_bytes(got)} of {human_bytes(length)}")
+        return body
+
+
+class RemoteFile:
+    """One data file of a delta on the Hub; reads come from the prefetched units when planned."""
+
+    def __init__(self, data: RemoteData, name: str) -> None:
+        self.data = data
+        self.name = name
+        self.where = data.where(name)
+
+    def read(self, offset: int, length: int) -> bytearray | memoryview:
+        planned = self.data._prefetch.take(self.name, offset, length)
+        return planned if planned is not None else self.data.get(self.name, offset, length)
+
+    def refetch(self, offset: int, length: int) -> bytearray:
+        return self.data.get(self.name, offset, length)
+
+    def close(self) -> None:
+        pass  # the connections belong to huggingface_hub's session
