@@ -76,6 +76,17 @@ class Runner:
 
     def python(self, *args: object, endpoint: str = CLOSED_PORT, offline: bool = False) -> subprocess.CompletedProcess:
         """``python ARGS...`` with this cache, endpoint and offline mode."""
+        return subprocess.run(
+            [sys.executable, *map(str, args)],
+            cwd=self.cwd,
+            env=self.env(endpoint, offline),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT - 10,
+        )
+
+    def env(self, endpoint: str = CLOSED_PORT, offline: bool = False) -> dict[str, str]:
+        """The environment of a command: this cache and endpoint, no token, no proxy."""
         env = {
             k: v
             for k, v in os.environ.items()
@@ -92,14 +103,7 @@ class Runner:
             NO_PROXY="127.0.0.1,localhost",
             XORWEIGHTS_DEBUG="0",
         )
-        return subprocess.run(
-            [sys.executable, *map(str, args)],
-            cwd=self.cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT - 10,
-        )
+        return env
 
     def put(self, repo_id: str, folder: Path, sha: str, tree: list[str] | None = None) -> Path:
         """Put ``folder`` in the cache as ``repo_id``'s main branch at ``sha``, in the layout huggingface_hub uses.

@@ -25,10 +25,11 @@ from typing import Any
 from huggingface_hub import constants, hf_hub_url
 from huggingface_hub.utils import build_hf_headers, get_session
 
-from ..delta.prefetch import Prefetcher
+from ..delta import prefetch
 from ..errors import DeltaCorruptError, HubDownloadError, XorWeightsWarning
 from ..sizes import human_bytes
-from .client import AUTH_HINT, CONNECTION_ERRORS, RETRY_DELAYS_S
+from . import client
+from .client import AUTH_HINT, CONNECTION_ERRORS
 from .refs import current_token
 
 RETRY_RANGE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -52,7 +53,13 @@ class RemoteData:
         self._sizes: dict[str, int] = {}
         self._fetched = 0
         self._lock = threading.Lock()
-        self._prefetch = Prefetcher(self.get) if threads is None else Prefetcher(self.get, threads=threads)
+        # The module's sizes are read now, so a test can make them small.
+        self._prefetch = prefetch.Prefetcher(
+            self.get,
+            threads=prefetch.FETCH_THREADS if threads is None else threads,
+            window=prefetch.WINDOW_UNITS,
+            unit_bytes=prefetch.UNIT_BYTES,
+        )
 
     def where(self, name: str) -> str:
         return f"{self.repo_id}@{self.revision}/{name}"
@@ -86,12 +93,13 @@ class RemoteData:
                 "run once online, or set HF_HUB_OFFLINE=0",
             )
         last = ""
-        for attempt in range(len(RETRY_DELAYS_S) + 1):
+        delays = client.RETRY_DELAYS_S
+        for attempt in range(len(delays) + 1):
             if attempt:
-                delay = RETRY_DELAYS_S[attempt - 1]
+                delay = delays[attempt - 1]
                 warnings.warn(
                     f"delta {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}; "
-                    f"trying again in {delay:g} s (attempt {attempt + 1} of {len(RETRY_DELAYS_S) + 1})",
+                    f"trying again in {delay:g} s (attempt {attempt + 1} of {len(delays) + 1})",
                     XorWeightsWarning,
                     stacklevel=2,
                 )
@@ -102,7 +110,7 @@ class RemoteData:
                 last = str(exc)
         raise HubDownloadError(
             f"delta {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}, "
-            f"{len(RETRY_DELAYS_S) + 1} times in a row",
+            f"{len(delays) + 1} times in a row",
             "try again later: the same command resumes where it stopped; or pass --download-first",
         )
 
