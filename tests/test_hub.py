@@ -258,7 +258,18 @@ def test_decode_over_http_fetches_only_what_it_needs_then_works_offline(tmp_path
     )
     referenced = {of.name for of in load_manifest(delta).other_files if of.mode == "reference"}
     weights = {n for n in base_files if n.endswith((".safetensors", ".safetensors.index.json"))}
-    assert sorted(hub.fetched("org/base")) == sorted(weights | referenced)
+    assert set(hub.fetched("org/base")) == weights | referenced
+    whole = [
+        line.split(" ")[1].split("/resolve/")[1].split("/", 1)[1]
+        for line in hub.requests
+        if line.startswith("GET /org/base/resolve/") and " bytes=" not in line
+    ]
+    assert sorted(whole) == sorted(weights | referenced)  # each file downloaded once, into the cache
+    # The shards still missing were planned from their headers, fetched by range while decoding began.
+    shards = sorted(n for n in weights if n.endswith(".safetensors"))
+    assert sorted(hub.served_ranges("org/base")) == sorted(
+        [(s, 0, 8) for s in shards] + [(s, 8, 8 + int.from_bytes(base_files[s][:8], "little")) for s in shards]
+    )
     assert not [r for r in hub.requests if ".bin" in r or "README" in r]
     # The delta was streamed: none of its data files is in the cache, so offline it cannot be decoded again.
     assert not [p for p in run.cache.rglob("*.xwd")]

@@ -213,3 +213,45 @@ def test_a_killed_streaming_decode_fetches_only_what_it_had_not_checked(tmp_path
     refetched = hub.served["org/delta"] - before["org/delta"]
     # What was checked before the kill is read back from the partial file, not fetched again.
     assert refetched < sizes[second] // 2, f"fetched {refetched} of {sizes[second]} again"
+
+
+def test_a_hub_base_is_fetched_into_the_cache_while_decoding_starts(tmp_path, released, hub):
+    pair, delta = released
+    hub.commit("org/delta", delta)
+    hub.commit("org/base", pair.base)
+    last = "model-00002-of-00002.safetensors"
+    size = (pair.base / last).stat().st_size
+    hub.stall_seconds = 4
+    hub.faults[f"{last}@{size - 1}"] = ["stall"]  # its download, not the fetch of its header, waits
+    run = Runner(tmp_path)
+    out = tmp_path / "out"
+    args = patched("decode", "org/delta", "--base", "org/base", "-o", out, "-q", checkpoint=True)
+    child = subprocess.Popen([sys.executable, *args], cwd=run.cwd, env=run.env(hub.url))
+    state = out / ".xorweights" / "decode-state.jsonl"
+    while hub.faults[f"{last}@{size - 1}"] and child.poll() is None:
+        time.sleep(0.02)
+    stalled = time.monotonic()  # the last shard's download has begun, and waits
+    while not (state.exists() and b'"partial"' in state.read_bytes()) and child.poll() is None:
+        time.sleep(0.02)
+    # Tensors of the first shard were rebuilt and checked while the last one was still on its way.
+    assert time.monotonic() - stalled < hub.stall_seconds - 1, "decoding waited for the whole base"
+    assert child.wait(timeout=60) == 0
+    assert files_digest(out) == files_digest(pair.finetuned)
+    snapshot = next((run.cache / "models--org--base" / "snapshots").iterdir())
+    assert (snapshot / last).read_bytes() == (pair.base / last).read_bytes(), "the base is kept in the cache"
+
+
+def test_a_base_shard_that_fails_to_download_is_one_line(tmp_path, released, hub):
+    pair, delta = released
+    hub.commit("org/delta", delta)
+    hub.commit("org/base", pair.base)
+    last = "model-00002-of-00002.safetensors"
+    hub.faults[f"{last}@{(pair.base / last).stat().st_size - 1}"] = ["503"] * 5
+    run = Runner(tmp_path)
+    r = run.python(
+        *patched("decode", "org/delta", "--base", "org/base", "-o", tmp_path / "out", "-q"), endpoint=hub.url
+    )
+    assert r.returncode == EXIT_HUB
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("xorweights: error: base org/base@") and "answered HTTP 503, 5 times in a row" in error
+    assert not (tmp_path / "out" / "model-00002-of-00002.safetensors").exists()

@@ -48,7 +48,7 @@ from .delta.manifest import (
 from .delta.pipeline import BackgroundHash, BufferPool, ordered, resolve_jobs
 from .delta.source import DeltaData, LocalData, decode_frame
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
-from .hub.resolve import resolve_delta_and_base
+from .hub.resolve import Sources, resolve_delta_and_base
 from .inputs import MAX_MANIFEST_BYTES, InputFolder, load_json, sha256_exact
 from .locks import LOCK_NAME, FolderLock
 from .outdir import OutputDir, start_writeback
@@ -583,27 +583,24 @@ def decode(
     """
     out = Path(out)
     target_dtype = named_dtype(dtype)
-    delta, base, manifest, data = resolve_delta_and_base(delta, base, progress=progress, stream=not download_first)
-    with contextlib.closing(data):
-        return _decode(delta, base, out, manifest, data, target_dtype, progress, jobs, skip_files, take_from_base)
+    with contextlib.closing(resolve_delta_and_base(delta, base, progress=progress, stream=not download_first)) as src:
+        return _decode(src, out, target_dtype, progress, jobs, skip_files, take_from_base)
 
 
 def _decode(
-    delta: Path,
-    base: Path,
+    src: Sources,
     out: Path,
-    manifest: Manifest,
-    data: DeltaData,
     target_dtype: str | None,
     progress: bool,
     jobs: int | None,
     skip_files: Sequence[str],
     take_from_base: Sequence[str],
 ) -> DecodeResult:
+    delta, base, manifest, data = src.delta, src.base, src.manifest, src.data
     skipped, taken = _leave_out(manifest, skip_files, take_from_base)
     inputs = {"delta": delta, "base": Path(base)}
     refuse_overlap(out, inputs)
-    with Checkpoint(base) as bs:
+    with Checkpoint(base, src.arriving) as bs:
         files = plan_decode(manifest, delta, bs, leave_out=frozenset(skipped), data=data)
         try:
             others = check_referenced(manifest, bs, skipped, taken)  # before OUT holds a single weight
@@ -910,12 +907,16 @@ def check_base(
     files ``skip_files`` and ``take_from_base`` select are not checked, as decode would not.
     """
     # Only the base is read: a delta on the Hub has just its manifest and shipped files fetched.
-    delta, base, manifest, data = resolve_delta_and_base(delta, base, progress=progress)
-    data.close()
+    with contextlib.closing(resolve_delta_and_base(delta, base, progress=progress)) as src:
+        return _check_base(src, progress, skip_files, take_from_base)
+
+
+def _check_base(src: Sources, progress: bool, skip_files: Sequence[str], take_from_base: Sequence[str]) -> list[str]:
+    delta, manifest = src.delta, src.manifest
     skipped, taken = _leave_out(manifest, skip_files, take_from_base)
     mismatches: list[BaseMismatchError] = []
-    with Checkpoint(base) as bs:
-        files = plan_decode(manifest, delta, bs, mismatches, leave_out=frozenset(skipped | taken), data=data)
+    with Checkpoint(src.base, src.arriving) as bs:
+        files = plan_decode(manifest, delta, bs, mismatches, leave_out=frozenset(skipped | taken), data=src.data)
         problems = [e.message for e in mismatches]
         base_files = set(bs.other_files())
         needed: dict[str, tuple[BaseTensor, TensorRef]] = {}

@@ -20,10 +20,10 @@ import numpy as np
 from .decode import FileJob, TensorJob, check_tensor, named_dtype, plan_decode
 from .delta.base_stream import _EMPTY, BaseStream
 from .delta.kernel import FrameCodec, new_tensor_hash
-from .delta.manifest import Manifest, TensorEntry
-from .delta.source import DataFile, DeltaData, decode_frame
+from .delta.manifest import TensorEntry
+from .delta.source import DataFile, decode_frame
 from .errors import NotEnoughMemoryError
-from .hub.resolve import resolve_delta_and_base
+from .hub.resolve import Sources, resolve_delta_and_base
 from .readers.checkpoint import Checkpoint
 from .readers.dtypes import FLOAT_CASTABLE, ITEMSIZE, TORCH_NAMES, cast_bytes
 from .sizes import human_bytes
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def _resolve(delta: str | Path, base: str | Path) -> tuple[Path, Path, Manifest, DeltaData]:
+def _resolve(delta: str | Path, base: str | Path) -> Sources:
     """Local folders for ``delta`` and ``base`` (folders or Hub repos, as for decode), the delta's manifest,
     and where its data files are read from: a delta on the Hub is streamed into memory, never written to disk."""
     return resolve_delta_and_base(delta, base)
@@ -53,7 +53,8 @@ def iter_state_dict(
     one holds about one tensor and one frame at a time.
     """
     require_torch("iter_state_dict")  # before any download or planning
-    tensors = _rebuild(*_resolve(delta, base), named_dtype(dtype))
+    target = named_dtype(dtype)
+    tensors = _rebuild(_resolve(delta, base), target)
     next(tensors)  # plan now, so a base that does not fit is refused by this call
     return tensors
 
@@ -90,14 +91,13 @@ def load_state_dict(delta: str | Path, base: str | Path, dtype: str | None = Non
     (:class:`NotEnoughMemoryError`).
     """
     require_torch("load_state_dict")  # before any download or planning
-    tensors = _rebuild(*_resolve(delta, base), named_dtype(dtype), keep_all=True)
+    target = named_dtype(dtype)
+    tensors = _rebuild(_resolve(delta, base), target, keep_all=True)
     next(tensors)
     return dict(tensors)
 
 
-def _rebuild(
-    delta: Path, base: Path, manifest: Manifest, data: DeltaData, target: str | None, keep_all: bool = False
-) -> Iterator[tuple[str, torch.Tensor]]:
+def _rebuild(sources: Sources, target: str | None, keep_all: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Plan, yield once (a marker: planning passed), then yield each verified tensor.
 
     Being a generator keeps the base open exactly as long as tensors may
@@ -105,8 +105,9 @@ def _rebuild(
     caller drops the iterator. The memory each tensor (or, with
     ``keep_all``, all of them) will take is checked against what is available.
     """
+    delta, manifest, data = sources.delta, sources.manifest, sources.data
     codec = FrameCodec(manifest.compression)
-    with contextlib.closing(data), Checkpoint(base) as bs:
+    with contextlib.closing(sources), Checkpoint(sources.base, sources.arriving) as bs:
         files = plan_decode(manifest, delta, bs, data=data)
 
         def size(entry: TensorEntry) -> int:

@@ -46,9 +46,10 @@ class RemoteData:
 
     remote = True
 
-    def __init__(self, repo_id: str, revision: str, threads: int | None = None) -> None:
+    def __init__(self, repo_id: str, revision: str, threads: int | None = None, role: str = "delta") -> None:
         self.repo_id = repo_id
         self.revision = revision
+        self.role = role
         self.token = current_token()  # read now: the fetch threads do not see the caller's context
         self._sizes: dict[str, int] = {}
         self._fetched = 0
@@ -79,6 +80,10 @@ class RemoteData:
     def fetched(self) -> int:
         return self._fetched
 
+    def size_of(self, name: str) -> int | None:
+        """The file's size: declared by the manifest, else as the first answer for it told."""
+        return self._sizes.get(name)
+
     def close(self) -> None:
         self._prefetch.close()
 
@@ -88,7 +93,7 @@ class RemoteData:
         """Exactly ``length`` bytes at ``offset`` of ``name``, retrying what may pass."""
         if constants.HF_HUB_OFFLINE:
             raise HubDownloadError(
-                f"delta {self.where(name)}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 "
+                f"{self.role} {self.where(name)}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 "
                 "forbids downloading it",
                 "run once online, or set HF_HUB_OFFLINE=0",
             )
@@ -98,7 +103,7 @@ class RemoteData:
             if attempt:
                 delay = delays[attempt - 1]
                 warnings.warn(
-                    f"delta {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}; "
+                    f"{self.role} {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}; "
                     f"trying again in {delay:g} s (attempt {attempt + 1} of {len(delays) + 1})",
                     XorWeightsWarning,
                     stacklevel=2,
@@ -109,7 +114,7 @@ class RemoteData:
             except _Retry as exc:
                 last = str(exc)
         raise HubDownloadError(
-            f"delta {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}, "
+            f"{self.role} {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}, "
             f"{len(delays) + 1} times in a row",
             "try again later: the same command resumes where it stopped; or pass --download-first",
         )
@@ -132,7 +137,7 @@ class RemoteData:
     def _body(self, r: Any, chunks: Any, name: str, offset: int, length: int) -> bytearray:
         """The answer's body, once its status and range are the ones asked for."""
         status = r.status_code
-        where = f"delta {self.where(name)}"
+        where = f"{self.role} {self.where(name)}"
         if status in RETRY_RANGE_STATUSES:
             raise _Retry(f"{constants.ENDPOINT} answered HTTP {status}")
         if status in (401, 403):
@@ -142,11 +147,13 @@ class RemoteData:
                 f"{where}: not found on {constants.ENDPOINT}, although the delta's manifest lists it",
                 "the repo is incomplete; tell its owner, or pass a local copy of the delta",
             )
-        size = self._sizes[name]
+        size = self._sizes.get(name)
         if status == 416:
             raise DeltaCorruptError(
-                f"{where}: smaller than the {size} bytes its manifest declares (HTTP 416 for bytes {offset}-)",
-                "the delta on the Hub does not match its manifest; tell its owner",
+                f"{where}: smaller than the {size} bytes its manifest declares (HTTP 416 for bytes {offset}-)"
+                if size is not None
+                else f"{where}: has no bytes {offset}-{offset + length - 1} (HTTP 416)",
+                "the repo on the Hub does not match its manifest; tell its owner",
             )
         if status != 206:
             raise HubDownloadError(
@@ -156,6 +163,8 @@ class RemoteData:
         told = _CONTENT_RANGE.fullmatch(r.headers.get("content-range", "").strip())
         if told is None or (int(told[1]), int(told[2])) != (offset, offset + length - 1):
             raise _Retry(f"the answer holds bytes {r.headers.get('content-range')!r}, not the range asked for")
+        if size is None:
+            self._sizes[name] = size = int(told[3])
         if int(told[3]) != size:
             raise DeltaCorruptError(
                 f"{where}: {told[3]} bytes on the Hub, its manifest declares {size}",

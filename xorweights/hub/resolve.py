@@ -26,13 +26,17 @@ names the repo and says what to change.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
 from ..delta.manifest import DATA_SUFFIX, BaseRef, Manifest, load_manifest
 from ..delta.source import DeltaData, LocalData
 from ..errors import HubDownloadError, XorWeightsWarning
+from ..inputs import InputFolder
+from ..readers.checkpoint import SAFETENSORS_INDEX, read_index
+from ..readers.safetensors_io import Arrival
 from .refs import Resolved, parse_repo_ref
 
 # One copy of the weights, in the order Checkpoint prefers them.
@@ -111,22 +115,36 @@ def resolve_checkpoint(
     raise AssertionError("no weight format tried")
 
 
-def resolve_base(ref: str | Path, recorded: BaseRef, files: Sequence[str], *, progress: bool = True) -> Resolved:
+def resolve_base(
+    ref: str | Path,
+    recorded: BaseRef,
+    files: Sequence[str],
+    *,
+    progress: bool = True,
+    order: Sequence[str] | None = None,
+) -> tuple[Resolved, Callable[[], dict[str, Arrival]] | None, Callable[[], None]]:
     """Decode's base: pinned to the revision the delta records when ``ref`` names the recorded repo without one.
 
     Naming another repo, or a revision that resolves to another commit than
     the recorded one, works (every base tensor is checked anyway) but emits
-    an :class:`XorWeightsWarning`.
+    an :class:`XorWeightsWarning`. With ``order`` (the base tensors in the
+    order decode reads them), safetensors shards not yet in the cache are
+    fetched while decoding goes on: the second value starts that and returns
+    the shards on their way (see :mod:`.arrivals`), the third stops it.
     """
     parsed = parse_repo_ref(ref)
     if parsed is None:
-        return Resolved(Path(ref))
+        return Resolved(Path(ref)), None, _nothing
     repo_id, asked = parsed
     same_repo = recorded.repo_id is not None and recorded.repo_id.lower() == repo_id.lower()
     pinned = recorded.revision if same_repo and asked is None else None
-    got = resolve_checkpoint(
-        ref, "base", files, revision=pinned, progress=progress, revision_note=" (the revision this delta records)"
-    )
+    note = " (the revision this delta records)"
+    early = _fetch_while_decoding(repo_id, asked or pinned, files, "" if asked else note, progress, order)
+    if early is not None:
+        got, start, stop = early
+    else:
+        got = resolve_checkpoint(ref, "base", files, revision=pinned, progress=progress, revision_note=note)
+        start, stop = None, _nothing
     made_from = f"{recorded.repo_id}@{recorded.revision}" if recorded.revision else f"{recorded.repo_id}"
     if recorded.repo_id is not None and not same_repo:
         _warn(f"base {repo_id}: this delta was made from {made_from}; decoding goes on and checks every base tensor")
@@ -136,7 +154,53 @@ def resolve_base(ref: str | Path, recorded: BaseRef, files: Sequence[str], *, pr
             f"{recorded.revision}; decoding goes on and checks every base tensor "
             f"(leave out @{asked} to use the recorded revision)"
         )
-    return got
+    return got, start, stop
+
+
+def _nothing() -> None:
+    pass
+
+
+def _fetch_while_decoding(
+    repo_id: str,
+    revision: str | None,
+    files: Sequence[str],
+    note: str,
+    progress: bool,
+    order: Sequence[str] | None,
+) -> tuple[Resolved, Callable[[], dict[str, Arrival]] | None, Callable[[], None]] | None:
+    """A safetensors base repo with its small files in the cache and its missing shards set to follow.
+
+    None when that does not apply (offline, no file list, not safetensors):
+    the base is then fetched whole before decoding, as without ``order``.
+    """
+    from huggingface_hub import constants
+
+    if order is None or constants.HF_HUB_OFFLINE:
+        return None
+    from .client import fetch, repo_files
+
+    listing = repo_files(repo_id, revision)
+    if listing is None or _weight_choices(listing) != [SAFETENSORS_PATTERNS]:
+        return None
+    got = fetch(repo_id, revision, "base", [SAFETENSORS_PATTERNS[1], *files], None, progress, note)
+    index = got.path / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = read_index(index, InputFolder(got.path))
+        shards = sorted(set(weight_map.values()))
+    else:
+        weight_map, shards = {}, sorted(f for f in listing if "/" not in f and fnmatch(f, SAFETENSORS_PATTERNS[0]))
+    first_use: dict[str, int] = {}
+    for k, name in enumerate(order):
+        first_use.setdefault(weight_map.get(name, ""), k)
+    missing = sorted((s for s in shards if not (got.path / s).is_file()), key=lambda s: first_use.get(s, len(order)))
+    if not missing:
+        return got, None, _nothing
+    from .arrivals import BaseDownload
+
+    assert got.revision is not None
+    download = BaseDownload(repo_id, got.revision, missing)
+    return got, download.start, download.stop
 
 
 def resolve_delta(ref: str | Path, *, stream: bool = True, progress: bool = True) -> tuple[Path, Manifest, DeltaData]:
@@ -177,22 +241,41 @@ def _cached(path: Path) -> bool:
     return path.is_file()
 
 
+@dataclass
+class Sources:
+    """What decode, load and check-base read: the delta's folder and manifest, where its data comes from, the base."""
+
+    delta: Path
+    base: Path
+    manifest: Manifest
+    data: DeltaData
+    arriving: dict[str, Arrival] = field(default_factory=dict)  # base shards still downloading, by file name
+    stop: Callable[[], None] = _nothing
+
+    def close(self) -> None:
+        self.data.close()
+        self.stop()
+
+
 def resolve_delta_and_base(
     delta: str | Path, base: str | Path, *, progress: bool = True, stream: bool = True
-) -> tuple[Path, Path, Manifest, DeltaData]:
+) -> Sources:
     """Local folders for decode's DELTA and --base, the delta's manifest, and where its data files are read from.
 
     The delta comes first: its manifest says which of the base's files are
-    needed and which base revision it was made from. See :func:`resolve_delta` for ``stream``.
+    needed and which base revision it was made from. With ``stream`` a Hub
+    delta's data is read by range (see :func:`resolve_delta`), and a Hub
+    base's missing shards are fetched while decoding goes on (see :func:`resolve_base`).
     """
     delta_path, manifest, data = resolve_delta(delta, stream=stream, progress=progress)
     referenced = [of.name for of in manifest.other_files if of.mode == "reference"]
+    order = [t.base.name for wf in manifest.weight_files for t in wf.tensors if t.base is not None] if stream else None
     try:
-        base_path = resolve_base(base, manifest.base, referenced, progress=progress).path
+        got, start, stop = resolve_base(base, manifest.base, referenced, progress=progress, order=order)
     except BaseException:
         data.close()
         raise
-    return delta_path, base_path, manifest, data
+    return Sources(delta_path, got.path, manifest, data, start() if start else {}, stop)
 
 
 def _weight_choices(files: list[str] | None) -> list[tuple[str, ...] | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ManifestError
 from ..inputs import MAX_MANIFEST_BYTES, InputFolder, load_json
-from .safetensors_io import SafetensorsFile, TensorInfo
+from .safetensors_io import Arrival, ArrivingSafetensorsFile, SafetensorsFile, TensorInfo
 from .tensor_ref import TensorRef
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -78,11 +79,14 @@ class Checkpoint:
 
     ``path`` is a folder (or a single .safetensors / .bin file). The format is
     detected in that order of preference, so a folder holding both safetensors
-    and .bin copies reads the safetensors.
+    and .bin copies reads the safetensors. ``arriving`` names safetensors files
+    of the folder still downloading, by file name: they are planned from their
+    header and read once they are there.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, arriving: dict[str, Arrival] | None = None) -> None:
         path = Path(path)
+        self.arriving = arriving or {}
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder", "check the path")
         self.is_folder = path.is_dir()
@@ -106,10 +110,11 @@ class Checkpoint:
         self.weight_files.append(WeightFileRef(path, tuple(r.name for r in refs), st))
 
     def _open(self, path: Path) -> str:
-        paths = _weight_paths(path, self.input, SAFETENSORS_INDEX, "*.safetensors")
+        paths = _weight_paths(path, self.input, SAFETENSORS_INDEX, "*.safetensors", set(self.arriving))
         if paths:
             for p in paths:
-                f = SafetensorsFile(p, self.input)
+                arrival = self.arriving.get(p.name) if self.is_folder else None
+                f = ArrivingSafetensorsFile(p, self.input, arrival) if arrival else SafetensorsFile(p, self.input)
                 self._closers.append(f.close)
                 refs = [TensorRef(i.name, i.dtype, i.shape, _SafetensorsSource(f, i), str(p)) for i in f.tensors]
                 self._add(p, refs, f)
@@ -151,7 +156,7 @@ class Checkpoint:
         index = path / (SAFETENSORS_INDEX if self.format == "safetensors" else BIN_INDEX)
         if not index.is_file() or self.format == "meta":
             return
-        for name, shard in _read_index(index, self.input).items():
+        for name, shard in read_index(index, self.input).items():
             ref = self.tensors.get(name)
             if ref is None or Path(ref.where).name != shard:
                 raise CheckpointError(
@@ -200,24 +205,31 @@ class Checkpoint:
         self.close()
 
 
-def _weight_paths(path: Path, folder: InputFolder, index_name: str, pattern: str) -> list[Path]:
-    """The weight files of one format: a single file, the shards an index names, or a glob."""
+def _weight_paths(
+    path: Path, folder: InputFolder, index_name: str, pattern: str, arriving: AbstractSet[str] = frozenset()
+) -> list[Path]:
+    """The weight files of one format: a single file, the shards an index names, or a glob.
+
+    Files named in ``arriving`` count as there: they are still downloading.
+    """
     if path.is_file():
         return [path] if path.suffix == pattern[pattern.rindex(".") :] else []
     index = path / index_name
     if index.is_file():
-        shards = sorted(set(_read_index(index, folder).values()))
-        missing = [s for s in shards if not (path / s).exists() and not (path / s).is_symlink()]
+        shards = sorted(set(read_index(index, folder).values()))
+        missing = [s for s in shards if s not in arriving and not (path / s).exists() and not (path / s).is_symlink()]
         if missing:
             raise CheckpointError(
                 f"{index}: names shard {missing[0]}, which is not in {path}",
                 "download every shard the index lists, or remove the stale index",
             )
         return [path / s for s in shards]
-    return sorted(p for p in path.glob(pattern) if not p.name.startswith("."))
+    found = {p.name for p in path.glob(pattern) if not p.name.startswith(".")}
+    return sorted(path / name for name in found | {a for a in arriving if fnmatch.fnmatch(a, pattern)})
 
 
-def _read_index(index: Path, folder: InputFolder) -> dict[str, str]:
+def read_index(index: Path, folder: InputFolder) -> dict[str, str]:
+    """An index's weight_map (tensor name -> shard file name), checked; CheckpointError if it is not one."""
     try:
         text = folder.read(index, MAX_MANIFEST_BYTES).decode("utf-8")
         weight_map = load_json(text, str(index))["weight_map"]

@@ -11,9 +11,10 @@ import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -201,6 +202,57 @@ class SafetensorsFile:
             except BufferError:
                 pass  # a numpy view still points at it; the GC will unmap
             self._mmap = None
+
+
+class Arrival(Protocol):
+    """A safetensors file still downloading: its first bytes fetched ahead, and a wait for the whole."""
+
+    prefix: bytes  # the 8-byte header length and the header, as fetched
+    size: int  # of the whole file
+
+    def wait(self) -> None:
+        """Return once the file is in place; raise the download's error if it failed."""
+
+
+class ArrivingSafetensorsFile(SafetensorsFile):
+    """A safetensors file whose header is known before the file is there; reads wait for it.
+
+    The tensors are planned from the fetched header. The first read waits for
+    the download, then opens the file as :class:`SafetensorsFile` does and
+    refuses it unless its size and header are the ones planned from.
+    """
+
+    def __init__(self, path: Path, folder: InputFolder, arrival: Arrival) -> None:
+        self.path = path
+        self.folder = folder
+        self.arrival = arrival
+        self.size = arrival.size
+        where = f"{path} (header fetched ahead)"
+        if len(arrival.prefix) < 8 or struct.unpack("<Q", arrival.prefix[:8])[0] != len(arrival.prefix) - 8:
+            raise InputFileError(f"{where}: not a safetensors header", "re-download the base")
+        self.header_bytes = arrival.prefix[8:]
+        self.data_start = len(arrival.prefix)
+        self.tensors, self.metadata = parse_header(self.header_bytes, self.size - self.data_start, where)
+        self.by_name = {t.name: t for t in self.tensors}
+        self._mmap = None
+        self._arrived = False
+        self._lock = threading.Lock()
+
+    def _map(self) -> mmap.mmap:
+        with self._lock:  # frames of one file are read on several threads; the first waits for it
+            if not self._arrived:
+                self.arrival.wait()
+                f, size = self.folder.open(self.path)
+                with f:
+                    head = f.read(self.data_start)
+                    if size != self.size or head != self.arrival.prefix:
+                        raise InputFileError(
+                            f"{self.path}: downloaded, but not the file whose header was fetched ahead",
+                            "the base repo changed while it was downloaded; run the same command again",
+                        )
+                    self._identity = _identity(f)
+                self._arrived = True
+        return super()._map()
 
 
 def _identity(f: BinaryIO) -> tuple[int, int, int, int]:
