@@ -255,3 +255,28 @@ def test_a_base_shard_that_fails_to_download_is_one_line(tmp_path, released, hub
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith("xorweights: error: base org/base@") and "answered HTTP 503, 5 times in a row" in error
     assert not (tmp_path / "out" / "model-00002-of-00002.safetensors").exists()
+
+
+def test_verify_against_a_hub_delta_fetches_its_manifest_only(tmp_path, released, hub):
+    pair, delta = released
+    hub.commit("org/delta", delta)
+    r = Runner(tmp_path)("verify", pair.finetuned, "--delta", "org/delta", "-q", endpoint=hub.url)
+    assert r.returncode == 0, r.stderr
+    assert hub.fetched("org/delta") == ["xorweights-delta.json"]
+
+
+def test_load_state_dict_streams_a_hub_delta_into_memory(tmp_path, released, hub):
+    pytest.importorskip("torch")
+    run, delta, finetuned = setup(tmp_path, released, hub)
+    script = (
+        "import torch, xorweights\n"
+        "from safetensors.torch import load_file\n"
+        f"got = xorweights.load_state_dict('org/delta', 'base')\n"
+        f"want = {{}}\n"
+        f"for f in {sorted(str(p) for p in finetuned.glob('*.safetensors'))!r}: want.update(load_file(f))\n"
+        "assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)\n"
+    )
+    r = run.python("-c", script, endpoint=hub.url)
+    assert r.returncode == 0, r.stderr
+    assert {f for f, _, _ in hub.served_ranges("org/delta")} == set(data_sizes(delta))
+    assert not list(run.cache.rglob("*.xwd")) and [p.name for p in run.cwd.iterdir()] == ["base"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .delta.kernel import DEFAULT_FRAME_BYTES, new_tensor_hash
-from .delta.manifest import CHECKSUMS_NAME, Checksums, FileSum, TensorSum, load_checksums, load_manifest
+from .delta.manifest import CHECKSUMS_NAME, MANIFEST_NAME, Checksums, FileSum, TensorSum, load_checksums, load_manifest
 from .errors import UsageError
 from .hub.resolve import resolve
 from .outdir import write_file
@@ -150,7 +150,9 @@ def verify(
     if manifest is not None and delta is not None:
         raise UsageError("pass either --manifest or --delta, not both")
     if delta is not None:
-        want, allow_extra = expected_from_delta(resolve(delta, "delta", progress=progress).path, side)
+        # Only the manifest: a delta's data says nothing a checksum needs.
+        manifest_only = [MANIFEST_NAME]
+        want, allow_extra = expected_from_delta(resolve(delta, "delta", manifest_only, progress=progress).path, side)
     else:
         if manifest is None:
             manifest = Path(path) / CHECKSUMS_NAME
