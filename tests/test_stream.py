@@ -280,3 +280,34 @@ def test_load_state_dict_streams_a_hub_delta_into_memory(tmp_path, released, hub
     assert r.returncode == 0, r.stderr
     assert {f for f, _, _ in hub.served_ranges("org/delta")} == set(data_sizes(delta))
     assert not list(run.cache.rglob("*.xwd")) and [p.name for p in run.cwd.iterdir()] == ["base"]
+
+
+def test_progress_shows_rebuilt_and_downloaded_bytes_with_their_rates(tmp_path, released, hub):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    run, delta, finetuned = setup(tmp_path, released, hub)
+    hub.rate = sum(data_sizes(delta).values()) / 1.5  # the data takes 1.5 s to arrive, in small requests
+    leader, follower = pty.openpty()  # progress is drawn only on a terminal...
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # ...with columns to draw in
+    args = patched("decode", "org/delta", "--base", "base", "-o", tmp_path / "out", unit=4096)
+    child = subprocess.Popen(
+        [sys.executable, *args], cwd=run.cwd, env=run.env(hub.url), stderr=follower, stdout=subprocess.PIPE
+    )
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+    assert child.wait(timeout=60) == 0
+    text = drawn.decode("utf-8", "replace")
+    assert "decode:" in text and "B/s" in text  # rebuilt bytes and their rate
+    assert "downloaded " in text and "/s" in text.split("downloaded ", 1)[1]
