@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 from ..errors import InputFileError, XorWeightsError
 from ..readers.safetensors_io import MAX_HEADER_BYTES, Arrival
-from .client import fetch
+from .client import fetch_file
 from .ranges import RemoteData
+from .refs import current_token
 
 
 class ShardArrival:
@@ -48,6 +49,7 @@ class BaseDownload:
         self.repo_id = repo_id
         self.revision = revision
         self.shards = list(shards)
+        self.token = current_token()  # read now: the download thread does not see the caller's context
         self.arrivals = {name: self._header(name) for name in self.shards}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xorweights-base", daemon=True)
@@ -79,7 +81,7 @@ class BaseDownload:
                 error: BaseException = InputFileError(f"base {self.repo_id}: download stopped")
             else:
                 try:
-                    fetch(self.repo_id, self.revision, "base", [name], None, progress=False)
+                    fetch_file(self.repo_id, self.revision, "base", name, self.token)
                     self.arrivals[name].arrived()
                     continue
                 except XorWeightsError as exc:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.utils import (
     GatedRepoError,
     HfHubHTTPError,
@@ -87,34 +87,56 @@ def fetch(
     :data:`RETRY_DELAYS_S`, with a warning line each time; any other error,
     or the last server error, is explained in one line.
     """
+
+    def download() -> Path:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(allow) if allow is not None else None,
+                ignore_patterns=list(ignore) if ignore is not None else None,
+                tqdm_class=None if progress else _SilentTqdm,
+                token=current_token(),
+            )
+        )
+
+    folder = _retrying(download, repo_id, revision, role, revision_note)
+    return Resolved(folder, repo_id, folder.name)  # a cache snapshot folder is named by its commit sha
+
+
+def fetch_file(repo_id: str, commit: str, role: str, name: str, token: str | None) -> Path:
+    """One file of a repo at ``commit`` into the cache, retried as :func:`fetch` does, without a progress bar.
+
+    It runs on the calling thread (snapshot_download starts threads of its
+    own, which the interpreter would wait for at exit), so a download on a
+    daemon thread never holds up the end of a command.
+    """
+
+    def download() -> Path:
+        return Path(hf_hub_download(repo_id, name, revision=commit, token=token))
+
+    return _retrying(download, repo_id, commit, role, "")
+
+
+def _retrying(download: Callable[[], Path], repo_id: str, revision: str | None, role: str, note: str) -> Path:
+    """``download()``, tried again after each of :data:`RETRY_DELAYS_S` while the Hub answers a server error."""
     attempt = 1
     while True:
         try:
-            folder = Path(
-                snapshot_download(
-                    repo_id,
-                    revision=revision,
-                    allow_patterns=list(allow) if allow is not None else None,
-                    ignore_patterns=list(ignore) if ignore is not None else None,
-                    tqdm_class=None if progress else _SilentTqdm,
-                    token=current_token(),
-                )
-            )
+            return download()
         except _HUB_ERRORS as exc:
             status = _status(exc)
             if attempt > len(RETRY_DELAYS_S) or status not in RETRY_STATUSES:
-                raise _explain(exc, repo_id, revision, role, revision_note, attempt) from exc
+                raise _explain(exc, repo_id, revision, role, note, attempt) from exc
             delay = RETRY_DELAYS_S[attempt - 1]
             warnings.warn(
                 f"{role} {repo_id}: {constants.ENDPOINT} answered HTTP {status}; "
                 f"trying again in {delay:g} s (attempt {attempt + 1} of {len(RETRY_DELAYS_S) + 1})",
                 XorWeightsWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             time.sleep(delay)
             attempt += 1
-            continue
-        return Resolved(folder, repo_id, folder.name)  # a cache snapshot folder is named by its commit sha
 
 
 def _status(exc: BaseException) -> int | None:

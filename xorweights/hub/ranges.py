@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 import warnings
 from typing import Any
 
@@ -54,6 +53,7 @@ class RemoteData:
         self._sizes: dict[str, int] = {}
         self._fetched = 0
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         # The module's sizes are read now, so a test can make them small.
         self._prefetch = prefetch.Prefetcher(
             self.get,
@@ -85,6 +85,7 @@ class RemoteData:
         return self._sizes.get(name)
 
     def close(self) -> None:
+        self._closed.set()  # fetches ahead stop retrying: the interpreter waits for their threads at exit
         self._prefetch.close()
 
     # ------------------------------------------------------------ requests
@@ -102,13 +103,15 @@ class RemoteData:
         for attempt in range(len(delays) + 1):
             if attempt:
                 delay = delays[attempt - 1]
-                warnings.warn(
-                    f"{self.role} {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}; "
-                    f"trying again in {delay:g} s (attempt {attempt + 1} of {len(delays) + 1})",
-                    XorWeightsWarning,
-                    stacklevel=2,
-                )
-                time.sleep(delay)
+                if not self._closed.is_set():
+                    warnings.warn(
+                        f"{self.role} {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}; "
+                        f"trying again in {delay:g} s (attempt {attempt + 1} of {len(delays) + 1})",
+                        XorWeightsWarning,
+                        stacklevel=2,
+                    )
+                if self._closed.wait(delay):  # closed: nobody waits for these bytes any more
+                    raise HubDownloadError(f"{self.role} {self.where(name)}: stopped")
             try:
                 return self._get_once(name, offset, length)
             except _Retry as exc:
