@@ -79,3 +79,34 @@ def test_codec_table_deltas_decode_bit_exactly(tmp_path, monkeypatch, capsys):
             xorweights.decode(delta, case.base, out)
             assert files_digest(out) == files_digest(case.finetuned)
         assert row["sizes"]["round_trips"]
+
+
+def test_stream_disk_poller_counts_sparse_files_by_blocks_and_catches_a_passing_peak(tmp_path):
+    stream = load("stream")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "dense").write_bytes(b"x" * 100_000)
+    with (tmp_path / "sparse").open("wb") as f:
+        f.truncate(1 << 30)  # a GB that takes no disk: must not count
+    (tmp_path / "link").symlink_to(tmp_path / "a" / "dense")  # a cache snapshot link: its blob counts once
+    assert stream.disk_bytes([tmp_path, tmp_path / "missing"]) == 100_000
+    with stream.DiskPoller([tmp_path / "a"], interval=10) as poll:
+        (tmp_path / "a" / "dense").unlink()
+    assert (poll.peak, poll.samples) == (100_000, 2)
+
+
+def test_stream_targets_judge_each_rate_and_the_kill_test():
+    stream = load("stream")
+    row = {
+        "rate_bytes_per_s": 4e8,
+        "stream_over_download": {"ratio_of_medians": 1.05, "median_per_round": 1.2},
+        "stream": {"max_rss_mib": 250.0, "disk_peak_over_output_fraction_of_delta": 0.02},
+    }
+    checks = stream.targets([row], {"matches": True, "served_over_delta": 1.3})
+    assert [(what, ok) for what, _, _, ok in checks] == [
+        ("stream / download alone, 400 MB/s, medians", True),
+        ("stream / download alone, 400 MB/s, per round", False),
+        ("stream peak RSS MiB, 400 MB/s", True),
+        ("stream (peak disk - output) / delta, 400 MB/s", False),
+        ("kill test: output equals the fine-tune", True),
+        ("kill test: served / delta, all runs", False),
+    ]
