@@ -105,6 +105,10 @@ def test_drops_short_bodies_and_server_errors_are_retried(tmp_path, released, hu
     assert warnings[0].startswith("xorweights: warning: delta org/delta@")
     assert f"/{name}: bytes 0-" in warnings[0]
     assert any("the connection failed" in w or "the answer ended after" in w for w in warnings[1:])
+    # After the drop, the request starts again at the first frame that had not arrived whole, not at byte 0.
+    cdn = [r for r in hub.requests if r.startswith("GET /cdn/") and f"/{name} bytes=" in r]
+    starts = [int(r.split(" bytes=")[1].split("-")[0]) for r in cdn]
+    assert starts[:2] == [0, 0] and starts[2] > 0, starts
 
 
 def test_a_frame_that_arrives_damaged_is_fetched_once_more(tmp_path, released, hub):

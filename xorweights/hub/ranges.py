@@ -56,7 +56,7 @@ class RemoteData:
         self._closed = threading.Event()
         # The module's sizes are read now, so a test can make them small.
         self._prefetch = prefetch.Prefetcher(
-            self.get,
+            self.read_into,
             threads=prefetch.FETCH_THREADS if threads is None else threads,
             window=prefetch.WINDOW_UNITS,
             unit_bytes=prefetch.UNIT_BYTES,
@@ -92,12 +92,30 @@ class RemoteData:
 
     def get(self, name: str, offset: int, length: int) -> bytearray:
         """Exactly ``length`` bytes at ``offset`` of ``name``, retrying what may pass."""
+        got: list[bytearray] = []
+        self.read_into(name, offset, [length], lambda _, data: got.append(data))
+        return got[0]
+
+    def read_into(self, name: str, offset: int, lengths: list[int], deliver: prefetch.Deliver) -> None:
+        """Fetch the frames of ``lengths`` stored back to back from ``offset``, each to ``deliver`` once whole.
+
+        One request covers them all. A failed attempt is retried after each of
+        :data:`~xorweights.hub.client.RETRY_DELAYS_S`, from the first frame not
+        yet delivered, so a dropped connection costs one frame, not the unit.
+        """
         if constants.HF_HUB_OFFLINE:
             raise HubDownloadError(
                 f"{self.role} {self.where(name)}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 "
                 "forbids downloading it",
                 "run once online, or set HF_HUB_OFFLINE=0",
             )
+        done = [0, offset]  # frames delivered, and where the next one starts
+
+        def delivered(k: int, data: bytearray) -> None:
+            deliver(done[0], data)
+            done[0] += 1
+            done[1] += len(data)
+
         last = ""
         delays = client.RETRY_DELAYS_S
         for attempt in range(len(delays) + 1):
@@ -105,7 +123,7 @@ class RemoteData:
                 delay = delays[attempt - 1]
                 if not self._closed.is_set():
                     warnings.warn(
-                        f"{self.role} {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}; "
+                        f"{self.role} {self.where(name)}: bytes {done[1]}-{offset + sum(lengths) - 1}: {last}; "
                         f"trying again in {delay:g} s (attempt {attempt + 1} of {len(delays) + 1})",
                         XorWeightsWarning,
                         stacklevel=2,
@@ -113,32 +131,37 @@ class RemoteData:
                 if self._closed.wait(delay):  # closed: nobody waits for these bytes any more
                     raise HubDownloadError(f"{self.role} {self.where(name)}: stopped")
             try:
-                return self._get_once(name, offset, length)
+                self._stream_once(name, done[1], lengths[done[0] :], delivered)
+                return
             except _Retry as exc:
                 last = str(exc)
         raise HubDownloadError(
-            f"{self.role} {self.where(name)}: bytes {offset}-{offset + length - 1}: {last}, "
+            f"{self.role} {self.where(name)}: bytes {done[1]}-{offset + sum(lengths) - 1}: {last}, "
             f"{len(delays) + 1} times in a row",
             "try again later: the same command resumes where it stopped; or pass --download-first",
         )
 
-    def _get_once(self, name: str, offset: int, length: int) -> bytearray:
+    def _stream_once(self, name: str, offset: int, lengths: list[int], deliver: prefetch.Deliver) -> None:
         url = hf_hub_url(self.repo_id, name, revision=self.revision)
-        headers = {**build_hf_headers(token=self.token), "Range": f"bytes={offset}-{offset + length - 1}"}
+        total = sum(lengths)
+        headers = {**build_hf_headers(token=self.token), "Range": f"bytes={offset}-{offset + total - 1}"}
         session: Any = get_session()
         timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
         try:
             if callable(getattr(session, "stream", None)):  # httpx, huggingface_hub 1.0 and later
                 with session.stream("GET", url, headers=headers, timeout=timeout) as r:
-                    return self._body(r, r.iter_bytes(_CHUNK), name, offset, length)
+                    self._check_answer(r, name, offset, total)
+                    self._split(r.iter_bytes(), lengths, deliver)
+                    return
             # requests, huggingface_hub 0.x
             with session.get(url, headers=headers, timeout=timeout, stream=True) as r:
-                return self._body(r, r.iter_content(_CHUNK), name, offset, length)
+                self._check_answer(r, name, offset, total)
+                self._split(r.iter_content(_CHUNK), lengths, deliver)
         except CONNECTION_ERRORS as exc:
             raise _Retry(f"the connection failed ({type(exc).__name__})") from None
 
-    def _body(self, r: Any, chunks: Any, name: str, offset: int, length: int) -> bytearray:
-        """The answer's body, once its status and range are the ones asked for."""
+    def _check_answer(self, r: Any, name: str, offset: int, length: int) -> None:
+        """Refuse an answer whose status or range is not the one asked for; learn the file's size."""
         status = r.status_code
         where = f"{self.role} {self.where(name)}"
         if status in RETRY_RANGE_STATUSES:
@@ -173,19 +196,28 @@ class RemoteData:
                 f"{where}: {told[3]} bytes on the Hub, its manifest declares {size}",
                 "the delta on the Hub does not match its manifest; tell its owner",
             )
-        body = bytearray(length)
-        view = memoryview(body)
-        got = 0
+
+    def _split(self, chunks: Any, lengths: list[int], deliver: prefetch.Deliver) -> None:
+        """Cut the body into frames of ``lengths`` and deliver each once whole; refuse a body too short or long."""
+        k, got = 0, 0
+        frame = bytearray(lengths[0]) if lengths else bytearray()
         for chunk in chunks:
-            if got + len(chunk) > length:
-                raise _Retry(f"the answer is longer than the {length} bytes asked for")
-            view[got : got + len(chunk)] = chunk
-            got += len(chunk)
+            view = memoryview(chunk)
             with self._lock:
-                self._fetched += len(chunk)
-        if got != length:
-            raise _Retry(f"the answer ended after {human_bytes(got)} of {human_bytes(length)}")
-        return body
+                self._fetched += len(view)
+            while len(view):
+                if k == len(lengths):
+                    raise _Retry("the answer is longer than the range asked for")
+                n = min(len(view), lengths[k] - got)
+                frame[got : got + n] = view[:n]
+                view, got = view[n:], got + n
+                if got == lengths[k]:
+                    deliver(k, frame)
+                    k, got = k + 1, 0
+                    frame = bytearray(lengths[k]) if k < len(lengths) else bytearray()
+        if k < len(lengths):
+            done = sum(lengths[:k]) + got
+            raise _Retry(f"the answer ended after {human_bytes(done)} of {human_bytes(sum(lengths))}")
 
 
 class RemoteFile:
