@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from .decode_state import STATE_NAME, DecodeState, Finished
+from .decode_state import STATE_NAME, DecodeState, Finished, Progress
 from .delta.base_stream import _EMPTY, BaseStream
 from .delta.kernel import MAX_FRAME_BYTES, FrameCodec, new_tensor_hash
 from .delta.manifest import (
@@ -291,8 +291,11 @@ class _Rebuilder:
         prefix, layout = self._layout(wf)
         return len(prefix) + (layout[-1].end if layout else 0)
 
-    def frames(self, job: FileJob, first: int = 0) -> list[_Frame]:
-        """The frames of ``job``'s tensors from ``first`` on, with where each is stored and written."""
+    def frames(self, job: FileJob, first: int = 0, skip: int = 0) -> list[_Frame]:
+        """The frames of ``job``'s tensors from ``first`` on, but the ``skip`` first of that one.
+
+        Each says where it is stored and where it is written.
+        """
         prefix, layout = self._layout(job.file)
         frames = []
         src = 0
@@ -300,39 +303,73 @@ class _Rebuilder:
             ratio = (ITEMSIZE[entry.dtype], ITEMSIZE[layout[i].dtype])
             lo = 0
             for k, (stored, raw) in enumerate(entry.frames):
-                if i >= first:
+                if i > first or (i == first and k >= skip):
                     dst = len(prefix) + layout[i].begin + lo // ratio[0] * ratio[1]
                     frames.append(_Frame(i, k, lo, lo + raw, src, stored, dst))
                 src, lo = src + stored, lo + raw
         return frames
+
+    def resume_point(self, progress: Progress | None) -> tuple[int, int]:
+        """Where the state says a file's rebuild takes up: its first tensor not whole, and the frames of it written.
+
+        Frames of a tensor are taken up only without a conversion: its xxh3-128
+        is then that of the bytes written, which can be read back.
+        """
+        if progress is None:
+            return 0, 0
+        part = progress.part if self.dtype is None else None
+        return len(progress.hashes), part[0] if part else 0
 
     def _note_fetched(self) -> None:
         fetched = self.data.fetched()
         rate = fetched / max(time.monotonic() - self._started, 1e-3)
         self.bar.set_postfix_str(f"downloaded {human_bytes(fetched)} at {human_bytes(rate)}/s", refresh=False)
 
-    def _replay(self, fd: int, job: FileJob, sha: Any, hashes: list[str], written_hashes: list[Any]) -> tuple[int, Any]:
-        """How many of the file's first tensors its partial file already holds as the state recorded them.
+    def _replay(
+        self, fd: int, job: FileJob, sha: Any, progress: Progress | None, written_hashes: list[Any]
+    ) -> tuple[int, int, Any]:
+        """How much of the file its partial file already holds as the state recorded it.
 
-        Their bytes are read back, each tensor's xxh3-128 compared with the
-        recorded one, and fed to the file's sha256: returned with the count,
-        as it stood after the last tensor that matched.
+        The bytes of each recorded tensor (and frames of the next) are read
+        back, their xxh3-128 compared with the recorded one, and fed to the
+        file's sha256. Returns the first tensor not whole, the frames of it
+        written, and the sha256 as it stood after the last part that matched.
         """
+        if progress is None:
+            return 0, 0, sha
         prefix, layout = self._layout(job.file)
-        for i, want in enumerate(hashes[: len(layout)]):
-            before, h = sha.copy(), new_tensor_hash()
-            lo, hi = len(prefix) + layout[i].begin, len(prefix) + layout[i].end
-            while lo < hi:
-                block = os.pread(fd, min(REPLAY_BLOCK, hi - lo), lo)
-                if not block:
-                    break
-                h.update(block)
-                sha.update(block)
-                lo += len(block)
-            if lo < hi or h.hexdigest() != want:
-                return i, before
-            written_hashes[i] = h
-        return min(len(hashes), len(layout)), sha
+        first, skip = self.resume_point(progress)
+        for i, want in enumerate(progress.hashes[: len(layout)]):
+            lo = len(prefix) + layout[i].begin
+            h, read = self._read_back(fd, lo, len(prefix) + layout[i].end, want, sha)
+            if h is None:
+                return i, 0, read
+            written_hashes[i], sha = h, read
+        frames = job.tensors[first].entry.frames if first < len(layout) else []
+        if skip == 0 or skip > len(frames) or progress.part is None:
+            return min(first, len(layout)), 0, sha
+        lo = len(prefix) + layout[first].begin
+        h, read = self._read_back(fd, lo, lo + sum(raw for _, raw in frames[:skip]), progress.part[1], sha)
+        if h is None:
+            return first, 0, read
+        written_hashes[first] = h
+        return first, skip, read
+
+    @staticmethod
+    def _read_back(fd: int, lo: int, hi: int, want: str, sha: Any) -> tuple[Any, Any]:
+        """Bytes ``[lo, hi)`` of the partial file: their xxh3-128 (None unless ``want``) and ``sha`` fed with them.
+
+        On a mismatch the sha256 is returned as it was before them.
+        """
+        fed, h = sha.copy(), new_tensor_hash()
+        while lo < hi:
+            block = os.pread(fd, min(REPLAY_BLOCK, hi - lo), lo)
+            if not block:
+                return None, sha
+            h.update(block)
+            fed.update(block)
+            lo += len(block)
+        return (h, fed) if h.hexdigest() == want else (None, sha)
 
     def rebuild(self, job: FileJob, out: OutputDir, state: DecodeState) -> tuple[FileSum, dict[str, TensorSum]]:
         """Write ``job``'s file into ``out`` and return its checksum and those of its tensors as written."""
@@ -347,17 +384,23 @@ class _Rebuilder:
         writer = out.writer(name, reopen=True)
         with writer as rebuilt, contextlib.closing(self.data.open(job.file.data_file, job.stored)) as data:
             out_fd = rebuilt.fileno()
-            recorded = state.partials.get(name, []) if writer.kept else []
-            first, sha = self._replay(out_fd, job, sha, recorded, written_hashes)
-            writer.keep = first > 0  # a partial file is left behind only with checked tensors for a re-run
-            if first == 0:
+            progress = state.partials.get(name) if writer.kept else None
+            first, skip, sha = self._replay(out_fd, job, sha, progress, written_hashes)
+            writer.keep = first + skip > 0  # a partial file is left behind only with checked bytes for a re-run
+            if first + skip == 0:
                 os.ftruncate(out_fd, 0)
-            self.bar.update(sum(e.nbytes for e in entries[:first]))
-            frames = self.frames(job, first)
             streams = [
                 BaseStream(tj.base, tj.entry.dtype, tj.entry.xor_bytes) if tj.base and i >= first else None
                 for i, tj in enumerate(job.tensors)
             ]
+            lo = 0
+            for _, raw in entries[first].frames[:skip] if skip else []:
+                stream = streams[first]  # the base under the frames read back is hashed, as it would have been
+                if stream is not None:
+                    stream.consume(stream.view(lo, lo + raw))
+                lo += raw
+            self.bar.update(sum(e.nbytes for e in entries[:first]) + lo)
+            frames = self.frames(job, first, skip)
             file_hash = BackgroundHash(sha, self.pool.put, self.hasher)
 
             def work(fr: _Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -376,15 +419,18 @@ class _Rebuilder:
             checked, saved, unsaved = first, first, 0
 
             def check_upto(end: int) -> None:
-                """Check the tensors before ``end``; record them in the state every CHECKPOINT_BYTES."""
-                nonlocal checked, saved, unsaved
+                nonlocal checked
                 for i in range(checked, end):
                     check_tensor(job.tensors[i], streams[i], target_hashes[i].hexdigest())
-                    unsaved += layout[i].end - layout[i].begin
-                    if unsaved >= CHECKPOINT_BYTES:
-                        state.progress(name, saved, [h.hexdigest() for h in written_hashes[saved : i + 1]])
-                        saved, unsaved, writer.keep = i + 1, 0, True
-                checked = max(checked, end)
+                    checked = i + 1
+
+            def save(fr: _Frame) -> None:
+                """Record the tensors checked since the last record and, unconverted, the frames of ``fr``'s so far."""
+                nonlocal saved, unsaved
+                part = None if converting else (fr.index + 1, target_hashes[fr.tensor].hexdigest())
+                if part is not None or checked > saved:
+                    state.progress(name, saved, [h.hexdigest() for h in written_hashes[saved:checked]], part)
+                    saved, unsaved, writer.keep = checked, 0, True
 
             with file_hash:
                 _pwrite_all(out_fd, np.frombuffer(prefix, np.uint8), 0)
@@ -399,6 +445,9 @@ class _Rebuilder:
                         written_hashes[fr.tensor].update(written)
                     file_hash.update(written, buffer)  # the buffer goes back to the pool once hashed
                     self.bar.update(fr.hi - fr.lo)
+                    unsaved += fr.hi - fr.lo
+                    if unsaved >= CHECKPOINT_BYTES:
+                        save(fr)
                     if self.data.remote:
                         self._note_fetched()
                 check_upto(len(entries))
@@ -661,7 +710,7 @@ def _rebuild_all(
         [
             (job.file.data_file, fr.src, fr.stored)
             for job in pending
-            for fr in rebuilder.frames(job, len(state.partials.get(job.file.name, [])))
+            for fr in rebuilder.frames(job, *rebuilder.resume_point(state.partials.get(job.file.name)))
         ]
     )
     written, skipped = [], []

@@ -8,9 +8,11 @@ cost grows with the number of tensors, not with files times tensors.
 
 While a file is rebuilt, a line every few MiB records the tensors written
 and checked so far in its partial file (``OUT/.xorweights/*.partial``), with
-the xxh3-128 of each tensor's bytes as written: a re-run reads those bytes
-back, checks them, and fetches only the rest. A record that does not follow
-on from the one before it restarts the file's list.
+the xxh3-128 of each tensor's bytes as written, and (without a conversion)
+how many frames of the next tensor are written, with the xxh3-128 of their
+bytes: a re-run reads those bytes back, checks them, and rebuilds or fetches
+only the rest. A record that leaves a gap after the one before it restarts
+the file.
 
 A line cut short by a crash is dropped; anything else that does not parse is
 a damaged file, refused with :class:`OutputError`, never trusted.
@@ -79,19 +81,27 @@ def _finished(obj: Any) -> Finished | None:
     return Finished(name, (st[0], st[1]), sha, sums)
 
 
-def _progress(obj: Any) -> tuple[str, int, list[str]] | None:
-    """A partial file's record: its name, the first tensor it covers and their hashes as written."""
-    if not isinstance(obj, dict) or set(obj) != {"partial", "from", "xxh3"}:
+@dataclass(frozen=True)
+class Progress:
+    """What a partial file holds, checked: its first tensors, and maybe the first frames of the next."""
+
+    hashes: list[str]  # the xxh3-128 of each whole tensor as written
+    part: tuple[int, str] | None = None  # frames of tensor len(hashes) written, and the xxh3-128 of their bytes
+
+
+def _progress(obj: Any) -> tuple[str, int, list[str], tuple[int, str] | None] | None:
+    """A partial file's record: its name, the first tensor it covers, their hashes, and the next one's part."""
+    if not isinstance(obj, dict) or not {"partial", "from", "xxh3"} <= set(obj) <= {"partial", "from", "xxh3", "part"}:
         return None
-    name, first, hashes = obj["partial"], obj["from"], obj["xxh3"]
+    name, first, hashes, part = obj["partial"], obj["from"], obj["xxh3"], obj.get("part")
     if not (isinstance(name, str) and _count(first) and isinstance(hashes, list)):
         return None
-    return (name, first, hashes) if all(_hex(h, 32) for h in hashes) else None
+    if part is not None and not (isinstance(part, list) and len(part) == 2 and _count(part[0]) and _hex(part[1], 32)):
+        return None
+    return (name, first, hashes, (part[0], part[1]) if part else None) if all(_hex(h, 32) for h in hashes) else None
 
 
-def parse_state(
-    data: bytes, where: str
-) -> tuple[dict[str, Any] | None, dict[str, Finished], dict[str, list[str]], int]:
+def parse_state(data: bytes, where: str) -> tuple[dict[str, Any] | None, dict[str, Finished], dict[str, Progress], int]:
     """The header, the finished files, the partial files' checked tensors, and the length of the whole lines.
 
     A torn last line is excluded from that length.
@@ -106,7 +116,7 @@ def parse_state(
     end = data.rfind(b"\n") + 1  # past the last newline: what follows was cut short by a crash
     header: dict[str, Any] | None = None
     files: dict[str, Finished] = {}
-    partials: dict[str, list[str]] = {}
+    partials: dict[str, Progress] = {}
     for number, raw in enumerate(data[:end].splitlines(), 1):
         try:
             obj = json.loads(raw.decode("utf-8"))
@@ -124,10 +134,10 @@ def parse_state(
             continue
         progress = _progress(obj)
         if progress is not None:
-            name, first, hashes = progress
-            done = partials.get(name, [])
+            name, first, hashes, part = progress
+            done = partials[name].hashes if name in partials else []
             # It replaces what it overlaps; one that leaves a gap restarts the file.
-            partials[name] = done[:first] + hashes if first <= len(done) else []
+            partials[name] = Progress(done[:first] + hashes, part) if first <= len(done) else Progress([])
             continue
         entry = _finished(obj)
         if entry is None:
@@ -147,8 +157,8 @@ class DecodeState:
         data = out.read_work(STATE_NAME, cap) or b""
         old, files, partials, end = parse_state(data, str(self.where))
         self.files: dict[str, Finished] = files if old == header else {}
-        # Per weight file being rebuilt: the xxh3-128 of each of its first tensors as written and checked.
-        self.partials: dict[str, list[str]] = partials if old == header else {}
+        # Per weight file being rebuilt: what its partial file holds, written and checked.
+        self.partials: dict[str, Progress] = partials if old == header else {}
         if old not in (None, header) and files:
             raise OutputError(
                 f"{out.path}: holds files decoded from another delta or with another --dtype",
@@ -186,13 +196,16 @@ class DecodeState:
         self.partials.pop(name, None)
         return entry
 
-    def progress(self, name: str, first: int, hashes: list[str]) -> None:
-        """Record that tensors ``first`` onwards of ``name``'s partial file were written and checked."""
-        done = self.partials.get(name, [])
+    def progress(self, name: str, first: int, hashes: list[str], part: tuple[int, str] | None = None) -> None:
+        """Record that tensors ``first`` onwards of ``name``'s partial file, and ``part`` of the next, are written."""
+        done = self.partials[name].hashes if name in self.partials else []
         if first > len(done):
             raise ValueError(f"progress of {name} from tensor {first}, after {len(done)}")
-        self._append({"partial": name, "from": first, "xxh3": hashes})
-        self.partials[name] = done[:first] + hashes
+        record: dict[str, Any] = {"partial": name, "from": first, "xxh3": hashes}
+        if part is not None:
+            record["part"] = list(part)
+        self._append(record)
+        self.partials[name] = Progress(done[:first] + hashes, part)
 
     def __enter__(self) -> DecodeState:
         return self
