@@ -204,11 +204,7 @@ license_option = click.option(
     help="Hub license id for the model card (apache-2.0, llama3.1, other, ...); usually the base's.",
 )
 jobs_option = click.option(
-    "--jobs",
-    "-j",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Threads to use (default: one per core; one for a streamed Hub delta, which waits on the network).",
+    "--jobs", "-j", type=click.IntRange(min=1), default=None, help="Threads to use (default: one per core)."
 )
 
 

@@ -68,9 +68,6 @@ LOSSY_BF16_HINT = (
 # kill loses at most that much work (plus the frames in flight).
 CHECKPOINT_BYTES = 4 << 20
 REPLAY_BLOCK = 1 << 20
-# A streamed decode waits on the network: one rebuild thread kept up with 100 MB/s of delta here (a second
-# gained 2%) and each thread holds about 90 MiB of frames and base pages (bench/stream.py; docs/decoding.md).
-STREAM_JOBS = 1
 CONFIG_NAME = "config.json"
 # The key transformers reads the model's dtype from: `torch_dtype` up to 4.x, `dtype` from 5.0 on.
 CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")
@@ -437,7 +434,9 @@ class _Rebuilder:
 
             with file_hash:
                 _pwrite_all(out_fd, np.frombuffer(prefix, np.uint8), 0)
-                for fr, (buffer, chunk, base, written) in ordered(work, frames, self.jobs, self.workers):
+                # Streamed, frames also wait in the fetch window: fewer in flight here keeps memory under 300 MiB.
+                depth = self.jobs + 1 if self.data.remote else None
+                for fr, (buffer, chunk, base, written) in ordered(work, frames, self.jobs, self.workers, depth):
                     check_upto(fr.tensor)
                     stream = streams[fr.tensor]
                     if stream is not None:
@@ -668,18 +667,13 @@ def _decode(
             # Progress records grow the state with each run that is stopped: room for many.
             with (
                 DecodeState(od, digest, target_dtype, 8 * size + (16 << 20)) as state,
-                _Rebuilder(codec, data, files, target_dtype, _jobs(jobs, data), bar) as rebuilder,
+                _Rebuilder(codec, data, files, target_dtype, resolve_jobs(jobs), bar) as rebuilder,
             ):
                 result = _rebuild_all(od, state, manifest, delta, delta_in, bs, files, rebuilder, bar, others, taken)
             # A finished OUT holds the release only, so `hf upload OUT` never uploads our bookkeeping. A re-run
             # adopts the files by the manifest's sha256 or, converted, by xorweights-checksums.json's.
             od.remove_work([STATE_NAME, LOCK_NAME])
             return result
-
-
-def _jobs(jobs: int | None, data: DeltaData) -> int:
-    """Rebuild threads: as asked, else one per core, or STREAM_JOBS for a streamed delta."""
-    return resolve_jobs(jobs if jobs is not None or not data.remote else STREAM_JOBS)
 
 
 def _rebuild_all(

@@ -37,12 +37,17 @@ def in_flight(jobs: int) -> int:
 
 
 def ordered(
-    work: Callable[[T], R], items: Iterable[T], jobs: int, pool: ThreadPoolExecutor | None = None
+    work: Callable[[T], R],
+    items: Iterable[T],
+    jobs: int,
+    pool: ThreadPoolExecutor | None = None,
+    depth: int | None = None,
 ) -> Iterator[tuple[T, R]]:
     """Yield ``(item, work(item))`` in input order, computing up to ``jobs`` at once.
 
     ``pool`` (with ``jobs`` threads) is used when given, so a caller walking
-    thousands of files does not start threads for each one.
+    thousands of files does not start threads for each one. At most ``depth``
+    items (default :func:`in_flight`) are submitted and not yet yielded.
     """
     if jobs <= 1:
         for item in items:
@@ -50,13 +55,13 @@ def ordered(
         return
     if pool is None:
         with ThreadPoolExecutor(jobs, thread_name_prefix="xorweights") as own:
-            yield from ordered(work, items, jobs, own)
+            yield from ordered(work, items, jobs, own, depth)
         return
     pending: deque[tuple[T, Future[R]]] = deque()
     try:
         for item in items:
             pending.append((item, pool.submit(work, item)))
-            if len(pending) >= in_flight(jobs):
+            if len(pending) >= (depth or in_flight(jobs)):
                 first, future = pending.popleft()
                 yield first, future.result()
         while pending:
