@@ -1,4 +1,4 @@
-"""A delta's data files read straight from the Hub by HTTP range requests: nothing of them is written to disk.
+"""Hub files read by HTTP range requests, straight into memory: a delta's data files, a base shard's header.
 
 Every request goes through huggingface_hub's own helpers: ``hf_hub_url`` for
 the address (HF_ENDPOINT), ``build_hf_headers`` for the token and user agent,
@@ -79,6 +79,11 @@ class RemoteData:
 
     def fetched(self) -> int:
         return self._fetched
+
+    def take(self, name: str, offset: int, length: int) -> bytearray:
+        """A planned read from what was fetched ahead, or a request of its own."""
+        planned = self._prefetch.take(name, offset, length)
+        return planned if planned is not None else self.get(name, offset, length)
 
     def size_of(self, name: str) -> int | None:
         """The file's size: declared by the manifest, else as the first answer for it told."""
@@ -228,9 +233,8 @@ class RemoteFile:
         self.name = name
         self.where = data.where(name)
 
-    def read(self, offset: int, length: int) -> bytearray | memoryview:
-        planned = self.data._prefetch.take(self.name, offset, length)
-        return planned if planned is not None else self.data.get(self.name, offset, length)
+    def read(self, offset: int, length: int) -> bytearray:
+        return self.data.take(self.name, offset, length)
 
     def refetch(self, offset: int, length: int) -> bytearray:
         return self.data.get(self.name, offset, length)
