@@ -46,7 +46,7 @@ from .delta.manifest import (
     parse_checksums,
 )
 from .delta.pipeline import BackgroundHash, BufferPool, ordered, resolve_jobs
-from .delta.source import DeltaData, LocalData, decode_frame
+from .delta.source import DeltaData, decode_frame
 from .errors import BaseMismatchError, DeltaCorruptError, ManifestError, OutputError, UsageError
 from .hub.resolve import Sources, resolve_delta_and_base
 from .inputs import MAX_MANIFEST_BYTES, InputFolder, load_json, sha256_exact
@@ -149,18 +149,17 @@ def plan_decode(
     manifest: Manifest,
     delta: Path,
     base: Checkpoint,
+    data: DeltaData,
     problems: list[BaseMismatchError] | None = None,
     leave_out: frozenset[str] = frozenset(),
-    data: DeltaData | None = None,
 ) -> list[FileJob]:
     """Check everything that can be checked without reading tensor data.
 
-    A base that does not fit raises at once, unless ``problems`` is given
-    (for --check-base): then every mismatch is collected and planning goes on.
-    Non-tensor files named in ``leave_out`` (--skip-file) need not be in the base.
-    ``data`` is where the data files are read from (default: the ``delta`` folder).
+    ``data`` is where the delta's data files are read from. A base that does
+    not fit raises at once, unless ``problems`` is given (for --check-base):
+    then every mismatch is collected and planning goes on. Non-tensor files
+    named in ``leave_out`` (--skip-file) need not be in the base.
     """
-    data = LocalData(delta) if data is None else data
 
     def match(entry: TensorEntry) -> TensorRef | None:
         try:
@@ -652,7 +651,7 @@ def _decode(
     inputs = {"delta": delta, "base": Path(base)}
     refuse_overlap(out, inputs)
     with Checkpoint(base, src.arriving) as bs:
-        files = plan_decode(manifest, delta, bs, leave_out=frozenset(skipped), data=data)
+        files = plan_decode(manifest, delta, bs, data, leave_out=frozenset(skipped))
         try:
             others = check_referenced(manifest, bs, skipped, taken)  # before OUT holds a single weight
         except BaseMismatchError:
@@ -967,7 +966,7 @@ def _check_base(src: Sources, progress: bool, skip_files: Sequence[str], take_fr
     skipped, taken = _leave_out(manifest, skip_files, take_from_base)
     mismatches: list[BaseMismatchError] = []
     with Checkpoint(src.base, src.arriving) as bs:
-        files = plan_decode(manifest, delta, bs, mismatches, leave_out=frozenset(skipped | taken), data=src.data)
+        files = plan_decode(manifest, delta, bs, src.data, mismatches, leave_out=frozenset(skipped | taken))
         problems = [e.message for e in mismatches]
         base_files = set(bs.other_files())
         needed: dict[str, tuple[BaseTensor, TensorRef]] = {}

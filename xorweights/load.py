@@ -108,7 +108,7 @@ def _rebuild(sources: Sources, target: str | None, keep_all: bool = False) -> It
     delta, manifest, data = sources.delta, sources.manifest, sources.data
     codec = FrameCodec(manifest.compression)
     with contextlib.closing(sources), Checkpoint(sources.base, sources.arriving) as bs:
-        files = plan_decode(manifest, delta, bs, data=data)
+        files = plan_decode(manifest, delta, bs, data)
 
         def size(entry: TensorEntry) -> int:
             width = ITEMSIZE[target] if target and entry.dtype in FLOAT_CASTABLE else ITEMSIZE[entry.dtype]

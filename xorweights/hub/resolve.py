@@ -219,9 +219,9 @@ def resolve_delta(ref: str | Path, *, stream: bool = True, progress: bool = True
     repo_id, revision = parsed
     got = fetch(repo_id, revision, "delta", None, [f"*{DATA_SUFFIX}"] if stream else None, progress)
     manifest = load_manifest(got.path)
-    local = LocalData(got.path)
-    if not stream or all(_cached(got.path / wf.data_file) for wf in manifest.weight_files):
-        return got.path, manifest, local
+    # A download-first run left them all in the cache: read them there (their sizes are checked when opened).
+    if not stream or all((got.path / wf.data_file).is_file() for wf in manifest.weight_files):
+        return got.path, manifest, LocalData(got.path)
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
@@ -234,11 +234,6 @@ def resolve_delta(ref: str | Path, *, stream: bool = True, progress: bool = True
 
     assert got.repo_id is not None and got.revision is not None
     return got.path, manifest, RemoteData(got.repo_id, got.revision)
-
-
-def _cached(path: Path) -> bool:
-    """True when a snapshot holds ``path``: a download-first run put it there (its size is checked when read)."""
-    return path.is_file()
 
 
 @dataclass
