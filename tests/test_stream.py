@@ -315,3 +315,44 @@ def test_progress_shows_rebuilt_and_downloaded_bytes_with_their_rates(tmp_path, 
     text = drawn.decode("utf-8", "replace")
     assert "decode:" in text and "B/s" in text  # rebuilt bytes and their rate
     assert "downloaded " in text and "/s" in text.split("downloaded ", 1)[1]
+
+
+class _Arrival:
+    """A shard 'downloading': its header as fetched ahead, and what waiting for it gives."""
+
+    def __init__(self, data: bytes, error: Exception | None = None) -> None:
+        self.prefix = data[: 8 + int.from_bytes(data[:8], "little")]
+        self.size = len(data)
+        self.error = error
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def test_an_arriving_shard_is_read_only_as_the_file_whose_header_was_planned_from(tmp_path):
+    from xorweights.errors import HubDownloadError, InputFileError
+    from xorweights.readers.checkpoint import Checkpoint
+
+    pair = make_pair(tmp_path / "pair")
+    shard = pair.base / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+
+    def first_bytes(arrival: _Arrival) -> tuple[bytes, str]:
+        with Checkpoint(pair.base, {shard.name: arrival}) as ckpt:
+            name = next(n for n, r in ckpt.tensors.items() if r.where == str(shard))
+            return bytes(ckpt.tensors[name].source.read(0, 4)), name
+
+    got, name = first_bytes(_Arrival(data))
+    with Checkpoint(pair.base) as ckpt:
+        assert got == bytes(ckpt.tensors[name].source.read(0, 4))
+    # What arrived is not the file planned from: the same size, one header byte changed.
+    changed = bytearray(data)
+    changed[20] ^= 0x01
+    shard.write_bytes(changed)
+    with pytest.raises(InputFileError, match="downloaded, but not the file whose header was fetched ahead"):
+        first_bytes(_Arrival(data))
+    # The download failed: the read says why, instead of waiting for ever.
+    failed = HubDownloadError("base org/base@abc: answered HTTP 503, 5 times in a row")
+    with pytest.raises(HubDownloadError, match="5 times in a row"):
+        first_bytes(_Arrival(data, failed))
