@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import files_digest
 from hub_server import FakeHub, serve
-from test_hub import Runner, _bounded, one_error_line  # noqa: F401  (_bounded: no test may hang)
+from test_hub import HUB_RETRIES_SERVER_ERRORS, Runner, _bounded, one_error_line  # noqa: F401  (_bounded: no hang)
 
 import xorweights
 from xorweights.delta.manifest import load_manifest
@@ -106,9 +106,10 @@ def test_drops_short_bodies_and_server_errors_are_retried(tmp_path, released, hu
     assert f"/{name}: bytes 0-" in warnings[0]
     assert any("the connection failed" in w or "the answer ended after" in w for w in warnings[1:])
     # After the drop, the request starts again at the first frame that had not arrived whole, not at byte 0.
+    # (huggingface_hub 0.x's requests hands the body over in 1 MiB pieces: a drop within one starts over.)
     cdn = [r for r in hub.requests if r.startswith("GET /cdn/") and f"/{name} bytes=" in r]
     starts = [int(r.split(" bytes=")[1].split("-")[0]) for r in cdn]
-    assert starts[:2] == [0, 0] and starts[2] > 0, starts
+    assert starts[:2] == [0, 0] and (starts[2] > 0 or HUB_RETRIES_SERVER_ERRORS), starts
 
 
 def test_a_frame_that_arrives_damaged_is_fetched_once_more(tmp_path, released, hub):
@@ -245,6 +246,7 @@ def test_a_hub_base_is_fetched_into_the_cache_while_decoding_starts(tmp_path, re
     assert (snapshot / last).read_bytes() == (pair.base / last).read_bytes(), "the base is kept in the cache"
 
 
+@pytest.mark.skipif(HUB_RETRIES_SERVER_ERRORS, reason="huggingface_hub 0.x retries these itself, for about a minute")
 def test_a_base_shard_that_fails_to_download_is_one_line(tmp_path, released, hub):
     pair, delta = released
     hub.commit("org/delta", delta)
