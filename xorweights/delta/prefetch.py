@@ -5,10 +5,11 @@ Hub costs a round trip, so contiguous frames are joined into *units* of up
 to :data:`UNIT_BYTES`, fetched :data:`FETCH_THREADS` at a time, with at most
 :data:`WINDOW_UNITS` units fetched or held at once: enough to keep the link
 busy while frames are decoded, and a memory bound that does not depend on
-the model's size. Measured (bench/stream.py), two units of 8 MiB kept up with
-400 MB/s as well as four did, with 40 MiB less memory, and a kill loses less. A unit hands over each frame as soon as its last byte has
+the model's size. A unit hands over each frame as soon as its last byte has
 arrived, so decoding follows the download closely, and a run that is killed
-loses little more than the frames in flight.
+loses little more than the frames in flight. Measured (bench/stream.py), two
+units of 8 MiB in flight kept up with 400 MB/s as well as four of 16 MiB,
+with 40 MiB less memory and less lost to a kill.
 """
 
 from __future__ import annotations
@@ -32,13 +33,10 @@ Fetch = Callable[[str, int, list[int], Deliver], None]
 class _Unit:
     name: str
     start: int
+    end: int  # past its last frame
     lengths: list[int] = field(default_factory=list)
     frames: list[Future[bytearray]] = field(default_factory=list)  # one per frame, once submitted
     left: int = 0  # planned reads not yet taken
-
-    @property
-    def end(self) -> int:
-        return self.start + sum(self.lengths)
 
 
 @dataclass
@@ -63,10 +61,11 @@ class Prefetcher:
                 last = self._units[-1] if len(self._units) > self._next else None
                 joins = last is not None and last.name == name and last.end == offset
                 if not (joins and last is not None and last.end + length - last.start <= self.unit_bytes):
-                    last = _Unit(name, offset)
+                    last = _Unit(name, offset, offset)
                     self._units.append(last)
                 self._places[(name, offset)] = (len(self._units) - 1, len(last.lengths), length)
                 last.lengths.append(length)
+                last.end += length
                 last.left += 1
 
     def take(self, name: str, offset: int, length: int) -> bytearray | None:

@@ -1,7 +1,7 @@
 """A Hub base not yet in the cache: fetched into it shard by shard while decoding starts on what has arrived.
 
 Users keep their base, so its shards go into the Hugging Face cache as any
-download does (:func:`~xorweights.hub.client.fetch`, with its retries), one
+download does (:func:`~xorweights.hub.client.fetch_file`, with its retries), one
 at a time on a thread of their own, in the order decode needs them. Planning
 cannot wait for them: every base tensor's name, dtype and shape is checked
 before any work starts. So each missing shard's header is fetched first by
@@ -16,7 +16,7 @@ import struct
 import threading
 from collections.abc import Sequence
 
-from ..errors import InputFileError, XorWeightsError
+from ..errors import InputFileError
 from ..readers.safetensors_io import MAX_HEADER_BYTES, Arrival
 from .client import fetch_file
 from .ranges import RemoteData
@@ -56,7 +56,7 @@ class BaseDownload:
 
     def _header(self, name: str) -> ShardArrival:
         """The shard's 8-byte header length and header, by range; its size from the answer."""
-        remote = RemoteData(self.repo_id, self.revision, threads=1, role="base")
+        remote = RemoteData(self.repo_id, self.revision, role="base")  # plans nothing: no fetch threads
         try:
             length = remote.get(name, 0, 8)
             size = remote.size_of(name)
@@ -84,9 +84,7 @@ class BaseDownload:
                     fetch_file(self.repo_id, self.revision, "base", name, self.token)
                     self.arrivals[name].arrived()
                     continue
-                except XorWeightsError as exc:
-                    error = exc
-                except BaseException as exc:  # anything else must still wake the reader, not leave it waiting
+                except BaseException as exc:  # whatever it is must wake the reader, not leave it waiting
                     error = exc
             for rest in self.shards[i:]:
                 self.arrivals[rest].arrived(error)

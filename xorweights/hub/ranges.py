@@ -45,7 +45,7 @@ class RemoteData:
 
     remote = True
 
-    def __init__(self, repo_id: str, revision: str, threads: int | None = None, role: str = "delta") -> None:
+    def __init__(self, repo_id: str, revision: str, role: str = "delta") -> None:
         self.repo_id = repo_id
         self.revision = revision
         self.role = role
@@ -57,7 +57,7 @@ class RemoteData:
         # The module's sizes are read now, so a test can make them small.
         self._prefetch = prefetch.Prefetcher(
             self.read_into,
-            threads=prefetch.FETCH_THREADS if threads is None else threads,
+            threads=prefetch.FETCH_THREADS,
             window=prefetch.WINDOW_UNITS,
             unit_bytes=prefetch.UNIT_BYTES,
         )

@@ -26,10 +26,11 @@ names the repo and says what to change.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..delta.manifest import DATA_SUFFIX, BaseRef, Manifest, load_manifest
 from ..delta.source import DeltaData, LocalData
@@ -38,6 +39,9 @@ from ..inputs import InputFolder
 from ..readers.checkpoint import SAFETENSORS_INDEX, read_index
 from ..readers.safetensors_io import Arrival
 from .refs import Resolved, parse_repo_ref
+
+if TYPE_CHECKING:
+    from .arrivals import BaseDownload  # imports huggingface_hub: loaded only for a repo id
 
 # One copy of the weights, in the order Checkpoint prefers them.
 SAFETENSORS_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
@@ -122,29 +126,29 @@ def resolve_base(
     *,
     progress: bool = True,
     order: Sequence[str] | None = None,
-) -> tuple[Resolved, Callable[[], dict[str, Arrival]] | None, Callable[[], None]]:
+) -> tuple[Resolved, BaseDownload | None]:
     """Decode's base: pinned to the revision the delta records when ``ref`` names the recorded repo without one.
 
     Naming another repo, or a revision that resolves to another commit than
     the recorded one, works (every base tensor is checked anyway) but emits
     an :class:`XorWeightsWarning`. With ``order`` (the base tensors in the
     order decode reads them), safetensors shards not yet in the cache are
-    fetched while decoding goes on: the second value starts that and returns
-    the shards on their way (see :mod:`.arrivals`), the third stops it.
+    fetched while decoding goes on: the second value is that download, not
+    yet started (see :mod:`.arrivals`).
     """
     parsed = parse_repo_ref(ref)
     if parsed is None:
-        return Resolved(Path(ref)), None, _nothing
+        return Resolved(Path(ref)), None
     repo_id, asked = parsed
     same_repo = recorded.repo_id is not None and recorded.repo_id.lower() == repo_id.lower()
     pinned = recorded.revision if same_repo and asked is None else None
     note = " (the revision this delta records)"
     early = _fetch_while_decoding(repo_id, asked or pinned, files, "" if asked else note, progress, order)
     if early is not None:
-        got, start, stop = early
+        got, download = early
     else:
         got = resolve_checkpoint(ref, "base", files, revision=pinned, progress=progress, revision_note=note)
-        start, stop = None, _nothing
+        download = None
     made_from = f"{recorded.repo_id}@{recorded.revision}" if recorded.revision else f"{recorded.repo_id}"
     if recorded.repo_id is not None and not same_repo:
         _warn(f"base {repo_id}: this delta was made from {made_from}; decoding goes on and checks every base tensor")
@@ -154,11 +158,7 @@ def resolve_base(
             f"{recorded.revision}; decoding goes on and checks every base tensor "
             f"(leave out @{asked} to use the recorded revision)"
         )
-    return got, start, stop
-
-
-def _nothing() -> None:
-    pass
+    return got, download
 
 
 def _fetch_while_decoding(
@@ -168,7 +168,7 @@ def _fetch_while_decoding(
     note: str,
     progress: bool,
     order: Sequence[str] | None,
-) -> tuple[Resolved, Callable[[], dict[str, Arrival]] | None, Callable[[], None]] | None:
+) -> tuple[Resolved, BaseDownload | None] | None:
     """A safetensors base repo with its small files in the cache and its missing shards set to follow.
 
     None when that does not apply (offline, no file list, not safetensors):
@@ -195,12 +195,11 @@ def _fetch_while_decoding(
         first_use.setdefault(weight_map.get(name, ""), k)
     missing = sorted((s for s in shards if not (got.path / s).is_file()), key=lambda s: first_use.get(s, len(order)))
     if not missing:
-        return got, None, _nothing
+        return got, None
     from .arrivals import BaseDownload
 
     assert got.revision is not None
-    download = BaseDownload(repo_id, got.revision, missing)
-    return got, download.start, download.stop
+    return got, BaseDownload(repo_id, got.revision, missing)
 
 
 def resolve_delta(ref: str | Path, *, stream: bool = True, progress: bool = True) -> tuple[Path, Manifest, DeltaData]:
@@ -244,12 +243,13 @@ class Sources:
     base: Path
     manifest: Manifest
     data: DeltaData
-    arriving: dict[str, Arrival] = field(default_factory=dict)  # base shards still downloading, by file name
-    stop: Callable[[], None] = _nothing
+    download: BaseDownload | None = None  # of base shards not yet in the cache
+    arriving: dict[str, Arrival] = field(default_factory=dict)  # those shards, by file name
 
     def close(self) -> None:
         self.data.close()
-        self.stop()
+        if self.download is not None:
+            self.download.stop()
 
 
 def resolve_delta_and_base(
@@ -266,11 +266,11 @@ def resolve_delta_and_base(
     referenced = [of.name for of in manifest.other_files if of.mode == "reference"]
     order = [t.base.name for wf in manifest.weight_files for t in wf.tensors if t.base is not None] if stream else None
     try:
-        got, start, stop = resolve_base(base, manifest.base, referenced, progress=progress, order=order)
+        got, download = resolve_base(base, manifest.base, referenced, progress=progress, order=order)
     except BaseException:
         data.close()
         raise
-    return Sources(delta_path, got.path, manifest, data, start() if start else {}, stop)
+    return Sources(delta_path, got.path, manifest, data, download, download.start() if download else {})
 
 
 def _weight_choices(files: list[str] | None) -> list[tuple[str, ...] | None]:
